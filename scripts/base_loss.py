@@ -1,0 +1,69 @@
+"""
+Bits per byte of a base checkpoint on the train and val shards, plus a few greedy samples.
+
+    python -m scripts.base_loss --checkpoint=base_checkpoints/latest
+    torchrun --nproc_per_node=2 -m scripts.base_loss --checkpoint=base_checkpoints/d4
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # also runnable as `python scripts/base_loss.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, print0
+from nanochat.configurator import configure
+from nanochat.dataloader import data_loader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# ----------------------------------------------------------------------------- defaults
+checkpoint = "base_checkpoints/latest"
+device_type = ""
+device_batch_size = 16
+split_tokens = 1048576        # tokens evaluated per split
+data_dir = ""
+max_new_tokens = 24
+user_config = configure(globals())
+# -----------------------------------------------------------------------------
+
+device_type = device_type or autodetect_device_type()
+ddp, rank, local_rank, world_size, device = compute_init(device_type)
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage="base")
+model, meta = build_model(checkpoint_dir, step, device)
+tokenizer = get_tokenizer()
+if tokenizer.get_vocab_size() != model.config.vocab_size:
+    raise SystemExit(f"{checkpoint_dir} step {step}: the model's vocab ({model.config.vocab_size}) is not the "
+                     f"tokenizer's ({tokenizer.get_vocab_size()}): retrain or point NANOCHAT_BASE_DIR at the right tokenizer")
+token_bytes = get_token_bytes(device=device)
+seq_len = model.config.sequence_len
+steps = max(1, split_tokens // (device_batch_size * seq_len * world_size))
+print0(f"checkpoint: {checkpoint_dir} step {step}")
+
+results = {}
+for split in ["train", "val"]:
+    loader = data_loader(device_batch_size, seq_len, split, tokenizer, device, lane=rank, num_lanes=world_size,
+                         data_dir=data_dir or None)
+    with autocast:
+        results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+    print0(f"{split} bpb: {results[split]:.4f}")
+
+if rank == 0:
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+               "The opposite of hot is", "The planets of the solar system are:", "中国的首都是", "My favorite color is"]
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            for _ in range(max_new_tokens):
+                with autocast:
+                    logits = model(torch.tensor([ids[-seq_len:]], device=device))
+                ids.append(int(logits[0, -1].argmax()))
+            print0(f"  {tokenizer.decode(ids[1:])!r}")
+compute_cleanup()

@@ -1,0 +1,238 @@
+"""
+Pretrain the base model on the parquet shards.
+
+    python -m scripts.base_train configs/cpu.py --depth=4 --max_seq_len=256
+    torchrun --nproc_per_node=2 -m scripts.base_train configs/dual_gpu/stable_26gb.py
+    python -m scripts.base_train configs/cpu.py --resume        # continue the newest checkpoint
+
+Ctrl-C (or SIGTERM) saves a checkpoint and exits; `--resume` continues from it with the same
+model, optimizer, data position and RNG, so an interrupted run ends where an uninterrupted one would.
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # also runnable as `python scripts/base_train.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+                             get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
+from nanochat.configurator import configure
+from nanochat.dataloader import data_loader
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, format_step_line, lr_multiplier,
+                               muon_momentum, plot_loss_curve, write_json_atomic)
+
+# ----------------------------------------------------------------------------- defaults
+run = "dummy"                  # wandb run name; "dummy" logs nowhere
+use_dummy_wandb = False
+device_type = ""               # cuda | mps | cpu; empty: autodetect
+# model
+depth = 20                     # the one dial: width = 64 * depth, heads and lrs follow
+max_seq_len = 2048
+n_kv_head = 0                  # grouped-query attention; 0: as many as query heads
+# horizon: num_iterations if > 0, else tokens = target_param_data_ratio * params (Chinchilla ~20)
+num_iterations = -1
+target_param_data_ratio = 20
+# batch: gradient accumulation fills total_batch_size tokens per step
+device_batch_size = 32
+total_batch_size = 524288
+# optimization
+embedding_lr = 0.2
+unembedding_lr = 0.004
+matrix_lr = 0.02
+weight_decay = 0.0
+grad_clip = 1.0                # 0 disables clipping
+warmup_ratio = 0.0
+warmdown_ratio = 0.2
+final_lr_frac = 0.0
+# evaluation, samples, checkpoints
+eval_every = 250               # val bits per byte every N steps (and at the end)
+eval_tokens = 20 * 524288
+sample_every = 2000
+save_every = -1                # -1: only at the end (and on Ctrl-C)
+keep_last = 2                  # older checkpoints are removed once a new one is complete
+model_tag = ""                 # default d<depth>
+resume = False
+resume_from_step = -1
+compile = True                 # torch.compile on CUDA
+seed = 42
+max_memory_frac = 0.9          # save and stop before RSS passes this fraction of RAM
+data_dir = ""                  # default: <base>/base_data
+user_config = configure(globals())
+# -----------------------------------------------------------------------------
+
+device_type = device_type or autodetect_device_type()
+ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master = rank == 0
+seed_everything(seed + rank)
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+wandb_run = init_wandb("dummy" if use_dummy_wandb else run, user_config, master)
+
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+
+model_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len,
+                                 n_kv_head=n_kv_head or None)
+with torch.device("meta"):
+    model = GPT(model_config)
+model.to_empty(device=device)
+model.init_weights()
+orig_model = model
+if compile and device_type == "cuda":
+    model = torch.compile(model, dynamic=False)
+num_params = orig_model.num_params()
+flops_per_token = orig_model.estimate_flops()
+
+tokens_per_micro_step = device_batch_size * max_seq_len * world_size
+assert total_batch_size % tokens_per_micro_step == 0, \
+    f"total_batch_size {total_batch_size} must be a multiple of device_batch_size*max_seq_len*world_size = {tokens_per_micro_step}"
+grad_accum_steps = total_batch_size // tokens_per_micro_step
+if num_iterations <= 0:
+    num_iterations = max(1, target_param_data_ratio * num_params // total_batch_size)
+print0(f"model: {model_config}")
+print0(f"params: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | vocab: {vocab_size:,}")
+print0(f"batch: {total_batch_size:,} tokens = {device_batch_size} x {max_seq_len} x {world_size} ranks x {grad_accum_steps} accum"
+       f" | steps: {num_iterations:,} | tokens: {num_iterations * total_batch_size:,}")
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                         matrix_lr=matrix_lr, weight_decay=weight_decay)
+adamw, muon = optimizers
+
+# ----------------------------------------------------------------------------- resume
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag or f"d{depth}")
+start_step, loader_states, history, val_bpb = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}, None
+if resume or resume_from_step >= 0:
+    step_to_load = resume_from_step if resume_from_step >= 0 else find_last_step(checkpoint_dir)
+    if step_to_load is None:
+        print0(f"resume: no checkpoint in {checkpoint_dir}, starting from scratch")
+    else:
+        model_state, train_state, meta = load_checkpoint(checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+        orig_model.load_state_dict(model_state)
+        for opt, opt_state in zip(optimizers, train_state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if train_state["num_lanes"] != world_size * grad_accum_steps:
+            raise SystemExit(f"resume: checkpoint was written with {train_state['num_lanes']} data lanes (ranks x accum), "
+                             f"this run has {world_size * grad_accum_steps}; keep the same batch layout to resume")
+        loader_states = train_state["loader_states"]
+        torch.set_rng_state(train_state["rng"])
+        start_step, history, val_bpb = meta["step"], meta["history"], meta.get("val_bpb")
+        print0(f"resumed from {checkpoint_dir} step {start_step}")
+        del model_state, train_state
+
+train_loaders = [data_loader(device_batch_size, max_seq_len, "train", tokenizer, device,
+                             lane=rank * grad_accum_steps + k, num_lanes=world_size * grad_accum_steps,
+                             state=loader_states[k] if loader_states else None, data_dir=data_dir or None)
+                 for k in range(grad_accum_steps)]
+loader_states = [dict(s) for s in loader_states] if loader_states else [None] * grad_accum_steps
+eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size))
+
+
+def save(step):
+    """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
+    train_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader_states": loader_states,
+                   "num_lanes": world_size * grad_accum_steps, "rng": torch.get_rng_state()}
+    meta = {"step": step, "val_bpb": val_bpb, "model_config": model_config.__dict__, "config": user_config,
+            "tokenizer_vocab_size": vocab_size, "history": history}
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state, meta, rank=rank, keep_last=keep_last)
+    if master:
+        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
+        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
+                        f"base d{depth}: train loss")
+
+
+@torch.no_grad()
+def sample(prompts, max_new_tokens=24):
+    orig_model.eval()
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        for _ in range(max_new_tokens):
+            with autocast:
+                logits = orig_model(torch.tensor([ids[-max_seq_len:]], device=device))
+            ids.append(int(logits[0, -1].argmax()))
+        print0(f"  {tokenizer.decode(ids[1:])!r}")
+    orig_model.train()
+
+
+# ----------------------------------------------------------------------------- training loop
+graceful = GracefulExit()
+memory_guard = MemoryGuard(max_memory_frac)
+eta = ETA(total_steps=num_iterations, start_step=start_step)
+peak_flops = get_peak_flops(device)
+t_start = time.time()
+step = start_step
+while True:
+    last_step = step == num_iterations
+    if last_step or (eval_every > 0 and step % eval_every == 0 and step > start_step) or (step == 0 and eval_every > 0):
+        model.eval()
+        val_loader = data_loader(device_batch_size, max_seq_len, "val", tokenizer, device,
+                                 lane=rank, num_lanes=world_size, data_dir=data_dir or None)
+        with autocast:
+            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+        model.train()
+        history["val_step"].append(step)
+        history["val_bpb"].append(val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+    if master and (last_step or (sample_every > 0 and step > start_step and step % sample_every == 0)):
+        sample(["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                "中国的首都是", "The opposite of hot is"])
+
+    stop_reason = graceful.reason() or memory_guard.check()
+    if ddp:  # every rank must agree to stop, or the collectives hang
+        flag = torch.tensor(int(bool(stop_reason)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_reason = stop_reason or ("another rank asked to stop" if flag.item() else None)
+    if last_step or stop_reason or (save_every > 0 and step > start_step and step % save_every == 0):
+        save(step)
+        print0(f"saved {checkpoint_dir} step {step}")
+    if last_step or stop_reason:
+        if stop_reason:
+            print0(f"stopping at step {step}: {stop_reason} (resume with --resume)")
+        break
+
+    # one optimization step: grad_accum_steps micro-batches, each from its own data lane
+    t0 = time.time()
+    for k in range(grad_accum_steps):
+        x, y, loader_states[k] = next(train_loaders[k])
+        with autocast:
+            loss = model(x, y)
+        (loss / grad_accum_steps).backward()
+    if ddp:
+        pass  # the distributed optimizers reduce the gradients themselves
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip)
+    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    orig_model.zero_grad(set_to_none=True)
+    loss_value = loss.item()  # the last micro-batch's loss; syncs so the timing is honest
+    dt = time.time() - t0
+    eta.update(dt)
+    step += 1
+
+    tok_per_sec = total_batch_size / dt
+    mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+    history["step"].append(step)
+    history["loss"].append(loss_value)
+    print0(format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta))
+    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
+
+graceful.close()
+wandb_run.finish()
+compute_cleanup()
