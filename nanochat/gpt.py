@@ -1,0 +1,325 @@
+"""The GPT: a decoder-only Transformer with one forward for training, eval and KV-cached decoding.
+
+Choices (each a known improvement over GPT-2, kept because it is cheap and simple):
+- rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm
+- ReLU^2 MLP, no biases, untied token embedding and lm_head
+- grouped-query attention (n_kv_head <= n_head), SDPA attention (flash kernels on GPU)
+- logit soft-capping: softcap * tanh(logits / softcap), computed in fp32
+
+Make a model with one dial, `depth`, then materialize it:
+    config = config_from_depth(depth, vocab_size, sequence_len)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+On CUDA the forward is meant to run under torch.autocast(dtype=torch.bfloat16) (the
+embedding is stored in bf16 there); on CPU everything is fp32.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.adamw import AdamW, DistAdamW
+from nanochat.muon import DistMuon, Muon
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    softcap: float = 15.0
+    # New fields (e.g. n_experts for a MoE MLP) get defaults that mean "as before", so a
+    # checkpoint's saved config keeps loading with GPTConfig(**saved).
+
+    def __post_init__(self):
+        assert self.n_embd % self.n_head == 0, f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+        assert self.n_head % self.n_kv_head == 0, f"GPTConfig: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
+        assert (self.n_embd // self.n_head) % 2 == 0, f"GPTConfig: head_dim={self.n_embd // self.n_head} must be even (rotary pairs)"
+
+
+def config_from_depth(depth, vocab_size, sequence_len, head_dim=128, n_kv_head=None, aspect_ratio=64, softcap=15.0):
+    """The one-dial model: width = aspect_ratio * depth, heads of about head_dim channels.
+    n_head is the smallest count that keeps heads no wider than head_dim, divides the width
+    and leaves an even head size; tiny models therefore get one narrow head (depth 1: 64)."""
+    assert depth >= 1, f"depth must be >= 1, got {depth}"
+    n_embd = aspect_ratio * depth
+    n_head = max(1, math.ceil(n_embd / head_dim))
+    while n_embd % n_head or (n_embd // n_head) % 2:
+        n_head += 1
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, softcap=softcap)
+
+
+def norm(x):
+    # parameter-free RMSNorm: nothing to learn, nothing to decay, and it is one fused kernel
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate channel pairs (i, i + d/2) of x (B, T, H, D) by position-dependent angles."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
+    Storage is (num_layers, 2, batch, heads, time, head_dim), allocated on the first insert
+    with the keys' dtype and device, and grown when a sequence outruns seq_len."""
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
+        self.seq_len = seq_len
+        self.kv = None
+        self.pos = 0  # tokens already cached; advanced when the last layer has inserted
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def _allocate(self, seq_len, dtype, device):
+        self.seq_len = seq_len
+        shape = (self.num_layers, 2, self.batch_size, self.num_heads, seq_len, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+
+    def prefill(self, other):
+        """Copy a batch-1 (or same-batch) cache into this empty one: prefill a prompt once,
+        then sample several continuations of it in parallel."""
+        assert self.kv is None and self.pos == 0, "KVCache.prefill: the destination cache must be empty"
+        assert other.kv is not None, "KVCache.prefill: the source cache is empty"
+        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim), \
+            "KVCache.prefill: layers/heads/head_dim differ between the caches"
+        assert other.batch_size in (1, self.batch_size), \
+            f"KVCache.prefill: source batch {other.batch_size} must be 1 or {self.batch_size}"
+        self._allocate(max(self.seq_len, other.pos), other.kv.dtype, other.kv.device)
+        self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]  # broadcasts batch 1 -> N
+        self.pos = other.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """Store k, v (B, H, T_new, D) after the cached tokens; return all keys and values so far."""
+        if self.kv is None:
+            self._allocate(self.seq_len, k.dtype, k.device)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.kv.size(4):  # grow to the next multiple of 1024 past what is needed
+            extra = (t1 + 1024) // 1024 * 1024 - self.kv.size(4)
+            pad = torch.zeros(*self.kv.shape[:4], extra, self.head_dim, dtype=self.kv.dtype, device=self.kv.device)
+            self.kv = torch.cat([self.kv, pad], dim=4)
+            self.seq_len = self.kv.size(4)
+        self.kv[layer_idx, 0, :, :, t0:t1] = k
+        self.kv[layer_idx, 1, :, :, t0:t1] = v
+        if layer_idx == self.num_layers - 1:
+            self.pos = t1
+        return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm: bounded attention logits, stable at high lr
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        if self.n_kv_head != self.n_head:
+            # GQA: each kv head serves n_head/n_kv_head query heads. An explicit repeat
+            # rather than SDPA's enable_gqa, which needs torch >= 2.5.
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if Tq == Tk:
+            # training, or prefill of an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif Tq == 1:
+            # one new token: it may see every cached token
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # several new tokens after a cache: all of the prefix, causal among themselves
+            # (is_causal would align the triangle to the top-left, which is wrong here)
+            prefix = Tk - Tq
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """The dense feed-forward block. Its own module so a MoE layer (same input and output
+    shapes) can take its place in Block, chosen from the config."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: sparse and cheap
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables 10x the training length, so generation can run past it. Buffers that
+        # are not saved: init_weights recomputes them on the real device.
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary(self.rotary_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _precompute_rotary(self, seq_len, base=10000, device=None):
+        head_dim = self.config.n_embd // self.config.n_head
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        if cos.device.type == "cuda":
+            cos, sin = cos.bfloat16(), sin.bfloat16()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2), broadcasts over B, H
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialize every parameter in place (after to_empty). Uses the global torch RNG, so
+        the same seed gives the same weights."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        # small lm_head: logits start near 0, so the initial loss is ~ln(vocab_size)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.normal_(lin.weight, mean=0.0, std=lin.in_features ** -0.5)
+            # zero output projections: every block starts as the identity on the residual stream
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        device = self.transformer.wte.weight.device
+        self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device=device)
+        if device.type == "cuda":
+            # bf16 embedding on GPU: half the memory of the biggest table; its output feeds
+            # bf16 autocast regions anyway
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self, exclude_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per matmul weight (forward + backward), plus attention
+        scores and weighted sum, 12 * layers * heads * head_dim * seq_len. The embedding is a
+        lookup, not a matmul, so it is left out; lm_head is a matmul and counts."""
+        c = self.config
+        l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * l * h * q * t
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, adam_betas=(0.8, 0.95)):
+        """[AdamW for wte, lm_head and any non-matrix params; Muon for the blocks' matrices].
+        The distributed (sharded, no DDP wrapper needed) variants when world size > 1."""
+        matrix_params = [p for p in self.transformer.h.parameters() if p.ndim >= 2]
+        scalar_params = [p for p in self.transformer.h.parameters() if p.ndim < 2]
+        embedding_params = [self.transformer.wte.weight]
+        lm_head_params = [self.lm_head.weight]
+        n_grouped = len(matrix_params) + len(scalar_params) + 2
+        assert n_grouped == len(list(self.parameters())), "setup_optimizers: a parameter has no optimizer"
+        # AdamW lrs were tuned at width 768; wider models take proportionally smaller steps.
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * scale),
+                       dict(params=embedding_params, lr=embedding_lr * scale)]
+        if scalar_params:
+            adam_groups.append(dict(params=scalar_params, lr=embedding_lr * scale))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        AdamWClass, MuonClass = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
+        adamw = AdamWClass(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        muon = MuonClass(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]  # the lr schedule multiplies this
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None,
+        else the cross-entropy loss (targets == -1 are ignored): a scalar for "mean" / "sum",
+        per-token (B, T) for "none" (0 at ignored positions)."""
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert t0 + T <= self.cos.size(1), \
+            f"sequence of {t0 + T} tokens is longer than the rotary table ({self.cos.size(1)} = 10 x sequence_len)"
+        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
+        softcap = self.config.softcap
+        logits = softcap * torch.tanh(logits / softcap)  # smooth clamp to (-softcap, softcap)
+        if targets is None:
+            return logits
+        assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean|sum|none, got {loss_reduction!r}"
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Stream up to max_tokens sampled continuations of one prompt (a list of ids), one id at
+        a time, with a KV cache. A bare sampler for training-time samples; the engine does more."""
+        assert len(tokens) > 0, "generate: the prompt must contain at least one token"
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        c = self.config
+        kv_cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.n_embd // c.n_head, c.n_layer)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for i in range(max_tokens):
+            logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                ids = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            yield ids.item()

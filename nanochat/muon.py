@@ -1,0 +1,155 @@
+"""Muon: momentum, then orthogonalize the update, for the 2-D weight matrices of the blocks.
+
+For a weight matrix the update Muon applies is the momentum-smoothed gradient G with its
+singular values pushed to ~1 (roughly U V^T from G = U S V^T): every direction the gradient
+points in moves by about the same amount, instead of a few dominant ones taking the whole
+step. The polar factor is approximated by a few Newton-Schulz iterations, which are only
+matmuls and so run fast in bf16 on a GPU.
+
+`Muon` is single-process. `DistMuon` averages gradients across ranks and shards the work and
+the momentum state: the orthogonalization needs a whole matrix, so matrices (not slices of
+them) are dealt out to ranks round-robin. Matrices of one shape are taken world_size at a
+time: a reduce-scatter gives rank r the averaged gradient of the r-th matrix, rank r updates
+that matrix, and an all-gather sends every updated matrix to every rank. A last group with
+fewer than world_size matrices is padded with zero tensors, so any count and any shape works
+(nothing requires a dimension to divide the world size).
+
+Both accept tensors with more than 2 dims (a stack of matrices, e.g. MoE experts): the
+orthogonalization works on the last two.
+"""
+import torch
+import torch.distributed as dist
+
+# Coefficients of the quintic p(x) = a x + b x^3 + c x^5 applied to the singular values.
+# Chosen (Keller Jordan, modded-nanogpt) for the steepest rise at 0 rather than exact
+# convergence to 1: after 5 steps singular values land in roughly [0.7, 1.2], which is
+# what the optimizer needs, at a fraction of the cost of an exact polar decomposition.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximate orthogonalization of G (or of each matrix in a stack, last two dims)."""
+    assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
+    a, b, c = NS_COEFFS
+    # bf16 on CUDA: matmuls at full tensor-core speed and the iteration tolerates the noise.
+    X = G.bfloat16() if G.is_cuda else G.float()
+    # Iterate on the wide orientation so X @ X^T is the smaller Gram matrix.
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    # Scale so the largest singular value is <= 1 (Frobenius norm bounds the spectral norm),
+    # inside the region where the iteration converges.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X
+
+
+def muon_update(p, grad, momentum_buffer, lr, momentum, nesterov, ns_steps, weight_decay):
+    """One Muon step on p (in place): Nesterov momentum, orthogonalize, scale, apply."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    update = zeropower_via_newtonschulz5(update, ns_steps)
+    # An orthogonal update of a tall matrix has a smaller per-entry RMS than a wide one's;
+    # rescale so each output row moves at about the same rate whatever the aspect ratio.
+    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    p.add_(update.to(p.dtype), alpha=-lr * scale)
+
+
+_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0)
+
+
+def _muon_step_one(optimizer, group, p, grad):
+    state = optimizer.state[p]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad)
+    muon_update(p, grad, state["momentum_buffer"], group["lr"], group["momentum"],
+                group["nesterov"], group["ns_steps"], group["weight_decay"])
+
+
+class Muon(torch.optim.Optimizer):
+    """lr and momentum live in each param group, so a schedule can change them per step
+    (the training script warms momentum up from 0.85 to 0.95)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                assert p.ndim >= 2, f"Muon is for matrices; got a parameter of shape {tuple(p.shape)}"
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    _muon_step_one(self, group, p, p.grad)
+
+
+class DistMuon(torch.optim.Optimizer):
+    """Muon with gradients averaged across ranks and matrices dealt out to ranks (see the
+    module docstring). Every rank must call step(). A parameter with no gradient counts as a
+    zero gradient, so that all ranks issue the same collectives."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, weight_decay=weight_decay))
+        # Re-group by shape: a reduce-scatter / all-gather over a list wants equal shapes.
+        # Each new group keeps its source group's settings; the order is deterministic, so
+        # every rank derives the same groups and the same owners.
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                assert p.ndim >= 2, f"Muon is for matrices; got a parameter of shape {tuple(p.shape)}"
+            for shape in dict.fromkeys(p.shape for p in group["params"]):
+                same = [p for p in group["params"] if p.shape == shape]
+                groups.append({**group, "params": same})
+        self.param_groups = groups
+
+    @torch.no_grad()
+    def step(self):
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        # Gloo (CPU) implements no reduce_scatter: reduce each gradient to the rank that owns
+        # its matrix instead (the same data lands in the same place; the owner divides).
+        has_reduce_scatter = dist.get_backend() == "nccl"
+        # Phase 1: launch every gradient reduction, so communication overlaps with the updates.
+        pending = []
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), world_size):
+                chunk = params[base:base + world_size]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
+                grads += [torch.zeros_like(chunk[0]) for _ in range(world_size - len(chunk))]
+                if has_reduce_scatter:
+                    grad = torch.empty_like(grads[0])
+                    works = [dist.reduce_scatter(grad, grads, op=dist.ReduceOp.AVG, async_op=True)]
+                else:
+                    grads = [g.clone() for g in grads]  # leave p.grad as this rank computed it
+                    works = [dist.reduce(g, dst=owner, op=dist.ReduceOp.SUM, async_op=True)
+                             for owner, g in enumerate(grads)]
+                    grad = grads[rank]
+                pending.append((group, chunk, grad, works))
+        # Phase 2: update the matrix we own in each chunk, then all-gather the chunk.
+        gathers = []
+        for group, chunk, grad, works in pending:
+            for work in works:
+                work.wait()
+            if rank < len(chunk):
+                if not has_reduce_scatter:
+                    grad.div_(world_size)
+                p = chunk[rank]
+                _muon_step_one(self, group, p, grad)
+                # our matrix is also an output slot of the gather; send a copy, never an alias
+                send = p.clone()
+            else:
+                send = torch.zeros_like(chunk[0])  # padding slot of a short chunk
+            outputs = list(chunk) + [torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))]
+            gathers.append(dist.all_gather(outputs, send, async_op=True))
+        for work in gathers:
+            work.wait()
