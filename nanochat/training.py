@@ -1,0 +1,271 @@
+"""Pieces of the training loop that every training script shares, as plain functions:
+lr schedule, Muon momentum warm-up, the per-step log line and ETA, clean stop on SIGINT/SIGTERM,
+a memory guard, RNG state for resume, the loss-curve PNG and atomic JSON snapshots."""
+import json
+import math
+import os
+import random
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_open, print0
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warm-up to 1, constant, then linear warm-down to final_lr_frac at num_iterations."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    if step <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = max(0.0, (num_iterations - step) / warmdown_iters)  # 1 -> 0 over the warm-down
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
+    """Muon's momentum ramps from 0.85 to 0.95 over the first 300 steps (less noisy early updates)."""
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+# -----------------------------------------------------------------------------
+# Progress line and ETA
+
+def format_hms(seconds):
+    """h:mm:ss (hours unbounded); "n/a" for None."""
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_step_line(step, total, loss, lr_mult, tok_per_sec, mfu, elapsed_s, eta=None):
+    """One log line per step.
+
+    step: steps completed so far (1..total); mfu: a fraction (0.45 prints 45.00%) or None (n/a);
+    eta: an ETA estimator, seconds left, or None for a linear extrapolation of elapsed_s.
+    """
+    width = len(str(total))
+    if isinstance(eta, ETA):
+        eta_s = eta.seconds_left(step)
+    elif eta is None and step > 0 and elapsed_s > 0:
+        eta_s = elapsed_s / step * max(0, total - step)
+    else:
+        eta_s = eta
+    pct = 100.0 * step / total if total else 0.0
+    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%"
+    return (f"step {step:0{width}d}/{total} ({pct:5.1f}%) | loss {loss:.6f} | lrm {lr_mult:.3f} | "
+            f"tok/s {tok_per_sec:,.0f} | mfu {mfu_text} | elapsed {format_hms(elapsed_s)} | eta {format_hms(eta_s)}")
+
+
+class ETA:
+    """Time left from an EMA of step times, ignoring the first `skip_steps` timed steps of this
+    process (torch.compile and allocator warm-up make them slow); start_step is where a resumed
+    run began (informational)."""
+
+    def __init__(self, total_steps, skip_steps=5, beta=0.9, start_step=0):
+        self.total_steps, self.skip_steps, self.beta, self.start_step = total_steps, skip_steps, beta, start_step
+        self.seen = 0
+        self.ema = None  # seconds per step; starts at the first counted sample, so no bias correction
+
+    def update(self, step_seconds):
+        self.seen += 1
+        if self.seen <= self.skip_steps:
+            return
+        self.ema = step_seconds if self.ema is None else self.beta * self.ema + (1 - self.beta) * step_seconds
+
+    def seconds_left(self, step):
+        """Seconds for the steps after `step` (steps completed); None until a step was counted."""
+        if self.ema is None:
+            return None
+        return self.ema * max(0, self.total_steps - step)
+
+
+# -----------------------------------------------------------------------------
+# Clean stop
+
+class GracefulExit:
+    """SIGINT/SIGTERM set `.requested` so the loop can save a checkpoint and exit cleanly.
+
+    A second SIGINT raises KeyboardInterrupt at once. Use as a context manager or call close()
+    to restore the previous handlers. Under DDP, combine ranks with any_rank(flag, device).
+    """
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.requested = False
+        self.signal_name = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            self.close()
+            raise KeyboardInterrupt  # second Ctrl-C: stop now, no checkpoint
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print0(f"\n{self.signal_name} received: saving a checkpoint at the end of this step, then exiting "
+               "(Ctrl-C again to stop immediately)", flush=True)
+
+    def reason(self):
+        """None, or why the loop should stop (e.g. "SIGTERM received")."""
+        return f"{self.signal_name} received" if self.requested else None
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def any_rank(flag, device=None):
+    """True if `flag` is true on any rank (so every rank stops at the same step); plain bool without DDP."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# -----------------------------------------------------------------------------
+# Memory guard
+
+def _read_proc_kb(path, field):
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class MemoryGuard:
+    """Stop before the machine runs out of RAM (Linux /proc; disabled elsewhere or with frac <= 0).
+
+    check() returns None, or a message when this process's RSS exceeds max_memory_frac of total
+    RAM, or when MemAvailable falls below min_available_frac of total RAM.
+    """
+
+    def __init__(self, max_memory_frac=0.9, min_available_frac=0.03):
+        self.max_memory_frac = max_memory_frac
+        self.min_available_frac = min_available_frac
+        self.enabled = bool(max_memory_frac) and max_memory_frac > 0 and os.path.exists("/proc/meminfo")
+        self.total = _read_proc_kb("/proc/meminfo", "MemTotal") if self.enabled else None
+
+    def rss_bytes(self):
+        return _read_proc_kb("/proc/self/status", "VmRSS")
+
+    def available_bytes(self):
+        return _read_proc_kb("/proc/meminfo", "MemAvailable")
+
+    def check(self):
+        if not self.enabled or not self.total:
+            return None
+        gib = 1024 ** 3
+        rss, avail = self.rss_bytes(), self.available_bytes()
+        if rss is not None and rss > self.max_memory_frac * self.total:
+            return (f"memory guard: this process uses {rss / gib:.2f} GiB RSS, over max_memory_frac="
+                    f"{self.max_memory_frac} of {self.total / gib:.1f} GiB RAM; saving and stopping "
+                    "(lower device_batch_size / max_seq_len, or raise --max_memory_frac)")
+        if avail is not None and avail < self.min_available_frac * self.total:
+            return (f"memory guard: only {avail / gib:.2f} GiB RAM available "
+                    f"(< {self.min_available_frac:.0%} of {self.total / gib:.1f} GiB); saving and stopping")
+        return None
+
+
+# -----------------------------------------------------------------------------
+# RNG state for exact resume (tensors and ints only, so torch.load(weights_only=True) accepts it)
+
+def get_rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuples(x):
+    # random.setstate wants (version, tuple_of_ints, gauss); a save/load round trip may give lists
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -----------------------------------------------------------------------------
+# Files beside the checkpoints
+
+def write_json_atomic(path, obj):
+    """JSON with indent 2, written to a temp file, fsynced and renamed."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+
+
+def plot_loss_curve(path, steps, losses, title="train loss", recent=None):
+    """PNG with two panels: the whole run and the recent window (default: last 20%, >= 50 steps).
+
+    The title carries current / min / mean (mean over the recent window). Written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    steps, losses = list(steps), [float(x) for x in losses]
+    if not losses:
+        raise ValueError("plot_loss_curve: no losses to plot")
+    n = len(losses)
+    recent = recent or max(50, n // 5)
+    r_steps, r_losses = steps[-recent:], losses[-recent:]
+    finite = [x for x in losses if math.isfinite(x)]
+    r_finite = [x for x in r_losses if math.isfinite(x)] or [float("nan")]
+    fig = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.suptitle(f"{title} | current {losses[-1]:.4f} | min {min(finite, default=float('nan')):.4f} | "
+                 f"mean (last {len(r_losses)}) {sum(r_finite) / len(r_finite):.4f}")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if n >= 10:  # smoothed line: an EMA makes the trend visible under the step-to-step noise
+        ema, smooth = losses[0], []
+        for x in losses:
+            ema = 0.9 * ema + 0.1 * x if math.isfinite(x) else ema
+            smooth.append(ema)
+        ax1.plot(steps, smooth, lw=1.5, label="EMA 0.9")
+        ax1.legend()
+    ax1.set_title("whole run")
+    ax2.plot(r_steps, r_losses, lw=1.0)
+    ax2.set_title(f"last {len(r_losses)} steps")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
