@@ -170,7 +170,8 @@ def prune_checkpoints(checkpoint_dir, keep_last):
 # -----------------------------------------------------------------------------
 # Load
 
-def _sha256_file(path, chunk=1 << 22):
+def sha256_file(path, chunk=1 << 22):
+    """Hex sha256 of a file, read in 4 MiB chunks (e.g. for a tokenizer hash)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -195,7 +196,7 @@ def read_meta(checkpoint_dir, step):
     return meta
 
 
-def _load_verified(path, meta, meta_file, device):
+def _verify_file(path, meta, meta_file):
     record = meta["files"].get(os.path.basename(path))
     if record is None:
         raise CheckpointError(f"{path}: not recorded in {meta_file} (it lists: {', '.join(meta['files'])})")
@@ -204,13 +205,25 @@ def _load_verified(path, meta, meta_file, device):
     size = os.path.getsize(path)
     if size != record["bytes"]:
         raise CheckpointError(f"{path}: truncated or wrong size: {size} bytes on disk, {record['bytes']} expected")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != record["sha256"]:
         raise CheckpointError(f"{path}: corrupt: sha256 {digest[:16]}... does not match the meta's {record['sha256'][:16]}...")
+
+
+def _load_verified(path, meta, meta_file, device):
+    _verify_file(path, meta, meta_file)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be loaded: {type(e).__name__}: {e}") from None
+
+
+def verify_checkpoint(checkpoint_dir, step):
+    """Check every file the meta records (size + sha256) without unpickling; returns the meta."""
+    meta = read_meta(checkpoint_dir, step)
+    for name in meta["files"]:
+        _verify_file(os.path.join(checkpoint_dir, name), meta, meta_path(checkpoint_dir, step))
+    return meta
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):

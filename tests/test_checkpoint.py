@@ -64,6 +64,8 @@ def test_truncated_model_file_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(str(tmp_path), 10, "cpu")
     assert str(path) in str(e.value) and "truncated" in str(e.value)
+    with pytest.raises(CheckpointError, match="truncated"):
+        cm.verify_checkpoint(str(tmp_path), 10)
 
 
 def test_flipped_bytes_are_refused_by_name(tmp_path):
@@ -77,8 +79,13 @@ def test_flipped_bytes_are_refused_by_name(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_checkpoint(str(tmp_path), 10, "cpu", load_optimizer=True)
         assert str(path) in str(e.value) and "corrupt" in str(e.value)
+        with pytest.raises(CheckpointError, match=f"{name}: corrupt"):
+            cm.verify_checkpoint(str(tmp_path), 10)  # checks the optim files too, without unpickling
         path.write_bytes(original)
     load_checkpoint(str(tmp_path), 10, "cpu", load_optimizer=True)  # restored: loads again
+    assert cm.verify_checkpoint(str(tmp_path), 10)["step"] == 10
+    import hashlib
+    assert cm.sha256_file(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_missing_meta_or_optim(tmp_path):
