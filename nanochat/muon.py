@@ -9,10 +9,10 @@ matmuls and so run fast in bf16 on a GPU.
 `Muon` is single-process. `DistMuon` averages gradients across ranks and shards the work and
 the momentum state: the orthogonalization needs a whole matrix, so matrices (not slices of
 them) are dealt out to ranks round-robin. Matrices of one shape are taken world_size at a
-time: a reduce-scatter gives rank r the averaged gradient of the r-th matrix, rank r updates
-that matrix, and an all-gather sends every updated matrix to every rank. A last group with
-fewer than world_size matrices is padded with zero tensors, so any count and any shape works
-(nothing requires a dimension to divide the world size).
+time: a reduce-scatter gives each rank the averaged gradient of the one matrix it owns in
+the chunk, the owner updates it, and an all-gather sends every updated matrix to every rank.
+A short last chunk is padded with zero tensors, so any count and any shape works (nothing
+requires a dimension to divide the world size).
 
 Both accept tensors with more than 2 dims (a stack of matrices, e.g. MoE experts): the
 orthogonalization works on the last two.
@@ -119,37 +119,43 @@ class DistMuon(torch.optim.Optimizer):
         # its matrix instead (the same data lands in the same place; the owner divides).
         has_reduce_scatter = dist.get_backend() == "nccl"
         # Phase 1: launch every gradient reduction, so communication overlaps with the updates.
+        # Owners rotate across chunks (not restarting at rank 0), so the short chunks left by
+        # each shape do not all land on the same rank.
         pending = []
+        next_owner = 0
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), world_size):
                 chunk = params[base:base + world_size]
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
-                grads += [torch.zeros_like(chunk[0]) for _ in range(world_size - len(chunk))]
+                owners = [(next_owner + j) % world_size for j in range(len(chunk))]
+                next_owner = (next_owner + len(chunk)) % world_size
+                slots = [None] * world_size  # slot r: the matrix rank r owns (None: padding)
+                for owner, p in zip(owners, chunk):
+                    slots[owner] = p
+                grads = [torch.zeros_like(chunk[0]) if p is None or p.grad is None else p.grad for p in slots]
                 if has_reduce_scatter:
-                    grad = torch.empty_like(grads[0])
+                    grad = torch.empty_like(chunk[0])
                     works = [dist.reduce_scatter(grad, grads, op=dist.ReduceOp.AVG, async_op=True)]
                 else:
                     grads = [g.clone() for g in grads]  # leave p.grad as this rank computed it
                     works = [dist.reduce(g, dst=owner, op=dist.ReduceOp.SUM, async_op=True)
                              for owner, g in enumerate(grads)]
                     grad = grads[rank]
-                pending.append((group, chunk, grad, works))
+                pending.append((group, slots, grad, works))
         # Phase 2: update the matrix we own in each chunk, then all-gather the chunk.
         gathers = []
-        for group, chunk, grad, works in pending:
+        for group, slots, grad, works in pending:
             for work in works:
                 work.wait()
-            if rank < len(chunk):
+            p = slots[rank]
+            if p is not None:
                 if not has_reduce_scatter:
                     grad.div_(world_size)
-                p = chunk[rank]
                 _muon_step_one(self, group, p, grad)
-                # our matrix is also an output slot of the gather; send a copy, never an alias
-                send = p.clone()
+                send = p.clone()  # p is also an output slot of the gather: send a copy, not an alias
             else:
-                send = torch.zeros_like(chunk[0])  # padding slot of a short chunk
-            outputs = list(chunk) + [torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))]
+                send = torch.zeros_like(grad)  # padding slot of a short chunk
+            outputs = [torch.empty_like(grad) if q is None else q for q in slots]
             gathers.append(dist.all_gather(outputs, send, async_op=True))
         for work in gathers:
             work.wait()
