@@ -224,42 +224,60 @@ def test_build_model_round_trip(tmp_path):
         cm.build_model(str(tmp_path), 6, "cpu")
 
 
-KILL_CHILD = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, sys.argv[3])
-    from nanochat.checkpoint_manager import save_checkpoint
-    ckdir, step = sys.argv[1], int(sys.argv[2])
-    while True:
-        step += 1
-        save_checkpoint(ckdir, step, {"w": torch.full((3_000_000,), float(step))},
-                        {"m": torch.full((1_000_000,), float(step))}, {"note": "kill test"}, keep_last=2)
-        print(step, flush=True)
+# A launcher that imports torch once, then forks savers and SIGKILLs each at a random moment
+# (fork keeps the test fast: one torch import instead of one per round). The launcher runs no
+# tensor math itself, so forking after `import torch` is safe.
+KILL_LAUNCHER = textwrap.dedent("""
+    import json, os, random, signal, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from nanochat.checkpoint_manager import find_last_step, list_steps, save_checkpoint, verify_checkpoint
+    ckdir, rounds, rng = sys.argv[2], int(sys.argv[3]), random.Random(int(sys.argv[4]))
+    start = 0
+    for round_ in range(rounds):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the saver: save forever, one byte down the pipe per complete checkpoint
+            os.close(rfd)
+            torch.set_num_threads(1)
+            step = start
+            while True:
+                step += 1
+                save_checkpoint(ckdir, step, {"w": torch.full((3_000_000,), float(step))},
+                                {"m": torch.full((1_000_000,), float(step))}, {"note": "kill test"}, keep_last=2)
+                os.write(wfd, b"x")
+        os.close(wfd)
+        assert os.read(rfd, 1) == b"x"          # at least one save of this round completed
+        time.sleep(rng.uniform(0.0, 0.3))       # then die at a random moment
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(rfd)
+        leftovers = sorted(n for n in os.listdir(ckdir) if not n.startswith("meta_"))
+        last = find_last_step(ckdir)
+        assert last is not None and last > start, (start, last)
+        for step in list_steps(ckdir):
+            verify_checkpoint(ckdir, step)      # sizes and sha256 of every complete step hold
+        print(json.dumps({"round": round_, "last": last, "files": leftovers}), flush=True)
+        start = last                            # "resume": the next saver continues after it
 """)
 
 
 def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
-    rng = random.Random(1234)
     ckdir = tmp_path / "ck"
-    script = tmp_path / "child.py"
-    script.write_text(KILL_CHILD)
-    start = 0
-    for round_ in range(4):
-        proc = subprocess.Popen([sys.executable, str(script), str(ckdir), str(start), REPO],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == str(start + 1)  # one save completed in this round
-            time.sleep(rng.uniform(0.0, 0.4))                       # then die at a random moment
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        last = find_last_step(str(ckdir))
-        assert last is not None and last > start
-        for step in cm.list_steps(str(ckdir)):                     # every complete step verifies and loads
-            model, optim, meta = load_checkpoint(str(ckdir), step, "cpu", load_optimizer=True)
-            assert meta["step"] == step
-            assert bool((model["w"] == step).all()) and bool((optim["m"] == step).all())
-        start = last  # "resume": the next round saves after the last complete step
-    save_checkpoint(str(ckdir), start + 1, {"w": torch.zeros(1)}, None, {}, keep_last=2)
+    script = tmp_path / "launcher.py"
+    script.write_text(KILL_LAUNCHER)
+    out = subprocess.run([sys.executable, str(script), REPO, str(ckdir), "6", "1234"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rounds = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rounds) == 6
+    for step in cm.list_steps(str(ckdir)):                     # every complete step loads with the right data
+        model, optim, meta = load_checkpoint(str(ckdir), step, "cpu", load_optimizer=True)
+        assert meta["step"] == step
+        assert bool((model["w"] == step).all()) and bool((optim["m"] == step).all())
+    last = find_last_step(str(ckdir))
+    assert last == rounds[-1]["last"]
+    save_checkpoint(str(ckdir), last + 1, {"w": torch.zeros(1)}, None, {}, keep_last=2)
     assert not [n for n in os.listdir(ckdir) if ".tmp" in n]       # killed saves' temp files are cleaned up
 
 
