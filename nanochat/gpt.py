@@ -12,8 +12,9 @@ Make a model with one dial, `depth`, then materialize it:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-On CUDA the forward is meant to run under torch.autocast(dtype=torch.bfloat16) (the
-embedding is stored in bf16 there); on CPU everything is fp32.
+On CUDA the embedding is stored in bf16 and the forward is meant to run under
+torch.autocast(dtype=torch.bfloat16) (it also runs without, in fp32 after the lookup);
+on CPU everything is fp32.
 """
 import math
 from dataclasses import dataclass
@@ -288,7 +289,10 @@ class GPT(nn.Module):
         assert t0 + T <= self.cos.size(1), \
             f"sequence of {t0 + T} tokens is longer than the rotary table ({self.cos.size(1)} = 10 x sequence_len)"
         cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lm_head.weight.dtype)  # bf16 embedding used outside autocast (plain inference)
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)

@@ -202,3 +202,19 @@ def test_generate_greedy_matches_argmax():
     sampled = list(model.generate(prompt, max_tokens=6, temperature=1.0, top_k=5, seed=1))
     assert len(sampled) == 6 and all(0 <= t < VOCAB for t in sampled)
     assert sampled == list(model.generate(prompt, max_tokens=6, temperature=1.0, top_k=5, seed=1))
+
+
+def test_bf16_embedding_with_and_without_autocast():
+    # what init_weights does on CUDA, tried on CPU: the forward must work inside bf16 autocast
+    # and outside it (plain inference), and agree with fp32 to bf16 precision
+    model = randomize_outputs(make_model()).eval()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    reference = model(idx)
+    model.transformer.wte.to(dtype=torch.bfloat16)
+    plain = model(idx)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        autocast = model(idx)
+        loss = model(idx, idx)
+    assert plain.dtype == autocast.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(plain, reference, atol=0.03, rtol=0.02)  # measured max err ~0.01
+    torch.testing.assert_close(autocast, reference, atol=0.1, rtol=0.05)  # ~0.03 (logits up to ~3)
