@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -94,13 +95,18 @@ class ETA:
 class GracefulExit:
     """SIGINT/SIGTERM set `.requested` so the loop can save a checkpoint and exit cleanly.
 
-    A second SIGINT raises KeyboardInterrupt at once. Use as a context manager or call close()
-    to restore the previous handlers. Under DDP, combine ranks with any_rank(flag, device).
+    A second SIGINT raises KeyboardInterrupt at once, unless it comes within `repeat_window_s`
+    of the first: that is the same Ctrl-C delivered twice (older torchrun versions share the
+    terminal's process group with their workers and also forward the signal). Use as a context
+    manager or call close() to restore the previous handlers. Under DDP, combine ranks with
+    any_rank(flag, device) so every rank stops at the same step.
     """
 
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM), repeat_window_s=1.0):
         self.requested = False
         self.signal_name = None
+        self.repeat_window_s = repeat_window_s
+        self._first_time = None
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
@@ -109,10 +115,14 @@ class GracefulExit:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            self.close()
-            raise KeyboardInterrupt  # second Ctrl-C: stop now, no checkpoint
+        now = time.monotonic()
+        if self.requested:
+            if signum == signal.SIGINT and now - self._first_time > self.repeat_window_s:
+                self.close()
+                raise KeyboardInterrupt  # second Ctrl-C: stop now, no checkpoint
+            return
         self.requested = True
+        self._first_time = now
         self.signal_name = signal.Signals(signum).name
         print0(f"\n{self.signal_name} received: saving a checkpoint at the end of this step, then exiting "
                "(Ctrl-C again to stop immediately)", flush=True)

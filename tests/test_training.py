@@ -4,6 +4,7 @@ import os
 import random
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -68,11 +69,14 @@ def test_eta_ignores_warmup_steps_and_tracks_ema():
 
 def test_graceful_exit_sets_flag_on_sigint_and_restores_handlers():
     before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with GracefulExit() as g:
+    with GracefulExit(repeat_window_s=0.2) as g:
         assert not g.requested and g.reason() is None
         os.kill(os.getpid(), signal.SIGINT)
         assert g.requested and g.reason() == "SIGINT received"
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C delivered twice: still a clean stop
+        assert g.requested
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):  # a later second Ctrl-C stops at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before_int and signal.getsignal(signal.SIGTERM) is before_term
 
@@ -143,3 +147,46 @@ def test_plot_loss_curve(tmp_path):
     assert os.listdir(tmp_path) == ["loss.png"]
     with pytest.raises(ValueError):
         plot_loss_curve(str(path), [], [], "empty")
+
+
+GRACEFUL_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.training import GracefulExit
+graceful = GracefulExit()
+step = 0
+while True:
+    if graceful.reason():  # as a training loop does at the top of every step
+        save_checkpoint(sys.argv[2], step, {"w": torch.full((4,), float(step))}, None, {"stopped": graceful.reason()})
+        print("saved", step, flush=True)
+        break
+    time.sleep(0.01)  # "train"
+    step += 1
+    if step == 5:
+        print("ready", flush=True)
+graceful.close()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_makes_a_loop_save_and_exit_cleanly(tmp_path, sig):
+    import subprocess
+    import sys
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "loop.py"
+    script.write_text(GRACEFUL_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), repo, str(tmp_path / "ck")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    step = find_last_step(str(tmp_path / "ck"))
+    assert out.strip().endswith(f"saved {step}") and step >= 5 and "received" in out
+    _, _, meta = load_checkpoint(str(tmp_path / "ck"), step, "cpu")
+    assert meta["stopped"] == f"{signal.Signals(sig).name} received"
