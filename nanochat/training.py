@@ -240,17 +240,20 @@ def write_json_atomic(path, obj):
         f.write("\n")
 
 
-def plot_loss_curve(path, steps, losses, title="train loss", recent=None):
+def plot_loss_curve(path, steps, losses, title="train loss", recent=None, val_steps=None, val_values=None,
+                    val_label="val bpb"):
     """PNG with two panels: the whole run and the recent window (default: last 20%, >= 50 steps).
 
-    The title carries current / min / mean (mean over the recent window). Written atomically.
+    The title carries current / min / mean (mean over the recent window). An optional val series
+    is drawn on a second y axis of the whole-run panel. Written atomically. Returns False (and
+    writes nothing) when there are no losses yet, e.g. a run stopped before its first step.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     steps, losses = list(steps), [float(x) for x in losses]
     if not losses:
-        raise ValueError("plot_loss_curve: no losses to plot")
+        return False
     n = len(losses)
     recent = recent or max(50, n // 5)
     r_steps, r_losses = steps[-recent:], losses[-recent:]
@@ -268,7 +271,12 @@ def plot_loss_curve(path, steps, losses, title="train loss", recent=None):
             ema = 0.9 * ema + 0.1 * x if math.isfinite(x) else ema
             smooth.append(ema)
         ax1.plot(steps, smooth, lw=1.5, label="EMA 0.9")
-        ax1.legend()
+    if val_steps is not None and val_values is not None and len(val_values):
+        ax_val = ax1.twinx()
+        ax_val.plot(list(val_steps), [float(v) for v in val_values], "o-", color="tab:red", ms=3, label=val_label)
+        ax_val.set_ylabel(val_label)
+        ax_val.legend(loc="upper center")
+    ax1.legend(loc="upper right")
     ax1.set_title("whole run")
     ax2.plot(r_steps, r_losses, lw=1.0)
     ax2.set_title(f"last {len(r_losses)} steps")
@@ -279,3 +287,4 @@ def plot_loss_curve(path, steps, losses, title="train loss", recent=None):
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")
+    return True

@@ -141,12 +141,15 @@ def test_plot_loss_curve(tmp_path):
     path = tmp_path / "loss.png"
     steps = list(range(1, 301))
     losses = [10.0 / (s ** 0.5) + 0.01 * (s % 7) for s in steps]
-    plot_loss_curve(str(path), steps, losses, "base d4: train loss")
+    assert plot_loss_curve(str(path), steps, losses, "base d4: train loss")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert os.listdir(tmp_path) == ["loss.png"]
-    with pytest.raises(ValueError):
-        plot_loss_curve(str(path), [], [], "empty")
+    assert plot_loss_curve(str(path), steps, losses, "with val", val_steps=[0, 150, 300], val_values=[3.0, 2.0, 1.5])
+    assert path.read_bytes() != data
+    # stopped before the first step: nothing to plot, nothing written, no error in the save path
+    assert plot_loss_curve(str(tmp_path / "empty.png"), [], [], "empty") is False
+    assert not (tmp_path / "empty.png").exists()
 
 
 GRACEFUL_CHILD = """
