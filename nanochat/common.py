@@ -70,8 +70,7 @@ def compute_init(device_type: str = ""):
         raise RuntimeError("device_type='mps' but MPS is not available")
     if device_type == "cuda":
         # TF32 for any fp32 matmuls that remain (bf16 autocast does the bulk of the work)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp and device_type == "mps":
