@@ -94,7 +94,6 @@ def parse_value(key: str, raw: str, default):
     return check_type(key, value, default)
 
 
-
 def _unknown_key_message(key: str, keys: list, where: str = "") -> str:
     msg = f"Unknown config key {key!r}{where}."
     close = difflib.get_close_matches(key, keys, n=3)
