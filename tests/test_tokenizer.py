@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -337,3 +339,55 @@ def test_reference_encoding_rejects_wrong_hash(tmp_path, monkeypatch):
     enc, reason = tokmod.reference_encoding("cl100k_base")
     assert enc is None and "sha256" in reason
     assert os.listdir(tmp_path / "cache") == []
+
+
+# ------------------------------------------------------------------ the scripts, end to end
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def script_base(tmp_path_factory, default_data_dir):
+    """A base dir whose base_data holds a few hundred KB of the real corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    base = tmp_path_factory.mktemp("base")
+    (base / "base_data").mkdir()
+    for split, n_chars in [("train", 400_000), ("val", 100_000)]:
+        texts = shard_texts(default_data_dir, n_chars, split=split)
+        table = pa.table({"text": texts, "source": ["test"] * len(texts)})
+        pq.write_table(table, base / "base_data" / f"{split}_00000.parquet", row_group_size=64)
+    return base
+
+
+def run_script(args, base):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base))
+    env.pop("TIKTOKEN_CACHE_DIR", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_tok_train_and_eval_scripts(script_base):
+    out = run_script(["-m", "scripts.tok_train", "--vocab_size=400", "--max_chars=200000", "--doc_cap=2000"],
+                     script_base)
+    assert out.returncode == 0, out.stderr
+    assert "round trip ok" in out.stdout
+    tok = RustBPETokenizer.from_directory(str(script_base / "tokenizer"))
+    assert tok.get_vocab_size() == 400
+    meta = json.loads((script_base / "tokenizer" / "tokenizer.json").read_text())["metadata"]
+    assert meta["doc_cap"] == 2000 and 200_000 <= meta["train_chars"] < 202_000
+    out = run_script(["-m", "scripts.tok_eval", "--references=False", "--sample_chars=20000"], script_base)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith(("English ", "Chinese ", "code "))}
+    assert set(rows) == {"English", "Chinese", "code"}
+    assert "GPT-2 r50k: not available offline" in out.stdout
+    ours_ratio = float(rows["English"][2])
+    assert 1.5 < ours_ratio < 6, out.stdout  # bytes/token of a 400-token vocab on English
+
+
+def test_tok_train_runs_as_file_and_rejects_unknown_keys(script_base, tmp_path):
+    out = run_script(["scripts/tok_train.py", "--vocab_size=300", "--max_chars=20000",
+                      f"--output_dir={tmp_path / 'tok'}"], script_base)
+    assert out.returncode == 0, out.stderr
+    assert RustBPETokenizer.from_directory(str(tmp_path / "tok")).get_vocab_size() == 300
+    out = run_script(["-m", "scripts.tok_train", "--vocab_sise=300"], script_base)
+    assert out.returncode == 2 and "vocab_size" in out.stderr
