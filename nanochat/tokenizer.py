@@ -489,6 +489,7 @@ def reference_encoding(name: str):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared
             os.replace(tmp, cache_path)
         import tiktoken
         old = os.environ.get("TIKTOKEN_CACHE_DIR")

