@@ -1,6 +1,10 @@
-use pyo3::prelude::*;
+//! rustbpe: a byte-level BPE tokenizer. The algorithms live in pure-Rust modules; the
+//! Python bindings (feature `python`) are in `python.rs`.
 
-#[pymodule]
-fn rustbpe(_m: &Bound<'_, PyModule>) -> PyResult<()> {
-    Ok(())
-}
+pub mod encode;
+pub mod pretokenize;
+pub mod train;
+pub mod unicode;
+
+#[cfg(feature = "python")]
+mod python;
