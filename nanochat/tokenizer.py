@@ -58,7 +58,7 @@ class RustBPETokenizer:
     def __init__(self, core: "rustbpe.Tokenizer"):
         self._core = core
         self._special = dict(core.get_special_tokens())
-        self._num_mergeable = core.vocab_size
+        self._num_mergeable = len(core.get_mergeable_ranks())
         expected = {name: self._num_mergeable + i for i, name in enumerate(SPECIAL_TOKENS)}
         assert self._special == expected, f"special tokens {self._special} != {expected}"
         self._id_to_special = {i: name for name, i in self._special.items()}
@@ -84,7 +84,7 @@ class RustBPETokenizer:
 
     @classmethod
     def _with_specials(cls, core):
-        n = core.vocab_size
+        n = len(core.get_mergeable_ranks())  # not core.vocab_size: whether it counts specials varies
         core.set_special_tokens({name: n + i for i, name in enumerate(SPECIAL_TOKENS)})
         return cls(core)
 
