@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from nanochat.common import get_base_dir
 
 ROW_GROUP_DOCS = 1024      # documents per parquet row group (the unit of DDP sharding)
-SHARD_CHARS = 16_000_000   # start a new train shard after about this many characters
+SHARD_CHARS = 16_000_000   # about this many characters per train shard
 VAL_FRACTION = 0.01        # held-out fraction of each source's documents...
 VAL_MIN_DOCS = 5           # ...but at least this many (and at most half of the source)
 SEED = 42                  # fixed shuffle: the same inputs always give the same shards
@@ -471,11 +471,13 @@ def build(docs, target, val_fraction=VAL_FRACTION):
     """Write (source, text) docs as shards into target, atomically. Returns the per-source stats."""
     train, val, stats = split_docs(docs, val_fraction)
     with staged_dir(target) as tmp_dir:
+        # shards of about equal size near SHARD_CHARS, cut only at row-group boundaries
+        n_shards = max(1, round(sum(len(t) for _, t in train) / SHARD_CHARS))
         shard, start, chars = 0, 0, 0
         for i, (_, text) in enumerate(train):
             chars += len(text)
-            # cut only at row-group boundaries, so every row group but the shard's last is full
-            if (chars >= SHARD_CHARS and (i + 1 - start) % ROW_GROUP_DOCS == 0) or i == len(train) - 1:
+            full = chars >= SHARD_CHARS and (i + 1 - start) % ROW_GROUP_DOCS == 0 and shard < n_shards - 1
+            if full or i == len(train) - 1:
                 write_shard(os.path.join(tmp_dir, f"train_{shard:05d}.parquet"), train[start:i + 1])
                 shard, start, chars = shard + 1, i + 1, 0
         write_shard(os.path.join(tmp_dir, "val_00000.parquet"), val)
