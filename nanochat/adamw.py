@@ -18,12 +18,13 @@ import torch.distributed as dist
 def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step on p (in place). Same operations in the same order as torch's
     single-tensor AdamW, so results match to the last bit on CPU."""
-    p.mul_(1 - lr * weight_decay)
+    if weight_decay:  # (torch multiplies by 1.0 when it is 0: skipping is bit-identical)
+        p.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # in place: one temporary, not two
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 

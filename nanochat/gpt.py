@@ -66,10 +66,12 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate channel pairs (i, i + d/2) of x (B, T, H, D) by position-dependent angles."""
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles:
+    (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin). The tables are full width, cos = [c, c],
+    sin = [s, -s], so this is x * cos + swap_halves(x) * sin: 3 kernels, not 7."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+    swapped = torch.cat([x[..., d:], x[..., :d]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
 class KVCache:
@@ -216,9 +218,10 @@ class GPT(nn.Module):
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)  # see apply_rotary_emb
         if cos.device.type == "cuda":
             cos, sin = cos.bfloat16(), sin.bfloat16()
-        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2), broadcasts over B, H
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D), broadcasts over B, H
 
     @torch.no_grad()
     def init_weights(self):
@@ -296,9 +299,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
+        # Soft-cap: logits = softcap * tanh(z / softcap), a smooth clamp to (-softcap, softcap).
+        # z / softcap is computed as lm_head(x / softcap): the division runs over n_embd
+        # channels instead of vocab_size logits, one pass fewer over the biggest tensor.
         softcap = self.config.softcap
-        logits = softcap * torch.tanh(logits / softcap)  # smooth clamp to (-softcap, softcap)
+        logits = self.lm_head(x / softcap).float()  # fp32 for the tanh and the loss
+        logits = softcap * logits.tanh_()  # in place: one vocab-sized allocation fewer
         if targets is None:
             return logits
         assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean|sum|none, got {loss_reduction!r}"
