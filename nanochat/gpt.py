@@ -260,14 +260,15 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, adam_betas=(0.8, 0.95)):
         """[AdamW for wte, lm_head and any non-matrix params; Muon for the blocks' matrices].
-        The distributed (sharded, no DDP wrapper needed) variants when world size > 1."""
+        The distributed (sharded, no DDP wrapper needed) variants when world size > 1.
+        weight_decay (decoupled, times lr) applies to both. Each group records initial_lr."""
         matrix_params = [p for p in self.transformer.h.parameters() if p.ndim >= 2]
         scalar_params = [p for p in self.transformer.h.parameters() if p.ndim < 2]
         embedding_params = [self.transformer.wte.weight]
         lm_head_params = [self.lm_head.weight]
         n_grouped = len(matrix_params) + len(scalar_params) + 2
         assert n_grouped == len(list(self.parameters())), "setup_optimizers: a parameter has no optimizer"
-        # AdamW lrs were tuned at width 768; wider models take proportionally smaller steps.
+        # AdamW lrs were tuned at width 768; other widths scale them by 1/sqrt(width / 768).
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * scale),
                        dict(params=embedding_params, lr=embedding_lr * scale)]
