@@ -188,7 +188,7 @@ def test_overfits_one_batch():
         model.zero_grad(set_to_none=True)
         first = loss.item() if first is None else first
     final = model(x, y).item()
-    assert first > 4.0 and final < 0.5, (first, final)
+    assert first > 4.0 and final < 0.1, (first, final)  # ~4.57 -> ~0.006 in practice
 
 
 def test_generate_greedy_matches_argmax():
