@@ -193,6 +193,33 @@ def test_ids_equal_tiktoken_property(small_tok, small_enc, text):
     assert small_tok.encode(text) == small_enc.encode_ordinary(text)
 
 
+# pieces that sit on the split pattern's edges: whitespace runs before words and line ends,
+# contractions in any case, digit runs, punctuation runs with newlines, non-ASCII letters,
+# numbers and spaces (NBSP, ideographic space, line separator), combining marks
+EDGE_PIECES = [" ", "  ", "   ", "\n", "\r\n", "\r", "\t", "\x0b", "\x0c", "\u00a0", "\u3000", "\u2028", "\u0085",
+               "'", "'s", "'S", "'ll", "'LL", "'Ve", "'re", "'d", "'t", "'m", "a", "Zy", "é", "e\u0301", "ß", "ǅ",
+               "1", "23", "456", "\u0661\u0662", "²", "Ⅻ", "!", "...", "?!\n", "_", "-", "$", "你", "好的", "。",
+               "🙂", "👍🏽", "\u200b", "\x00"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(EDGE_PIECES), max_size=30).map("".join))
+def test_ids_equal_tiktoken_on_pattern_edges(small_tok, small_enc, text):
+    assert small_tok.encode(text) == small_enc.encode_ordinary(text)
+    assert small_tok.decode(small_tok.encode(text)) == text
+
+
+def test_custom_pattern_matches_tiktoken():
+    gpt4 = PATTERN.replace(r"\p{N}{1,2}", r"\p{N}{1,3}")  # GPT-4's own pattern: not the default
+    texts = [synthetic_text(7, 3000), SAMPLE]
+    tok = train(texts, 400, pattern=gpt4)
+    assert tok.get_pattern() == gpt4
+    enc = to_tiktoken(tok)
+    for text in texts + ["1234567 89", "x  \n\n y's"]:
+        assert tok.encode(text) == enc.encode_ordinary(text), repr(text[:80])
+    assert trained_merges(tok) == reference_bpe(texts, 400, pattern=gpt4)[0]
+
+
 # ------------------------------------------------------------------ round trips
 chinese = st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=50)
 emoji = st.text(alphabet=st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF), max_size=20)
