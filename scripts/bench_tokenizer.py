@@ -62,7 +62,7 @@ def shard_bytes(d):
 
 if not data_dir:
     data_dir = os.path.join(base_dir, "base_data")
-    if memory_gb <= 0 and shard_bytes(data_dir) < target_bytes:
+    if shard_bytes(data_dir) < target_bytes:  # --memory_gb too: more distinct text than one small corpus
         data_dir = os.path.join(base_dir, "bench_data")
         if shard_bytes(data_dir) < target_bytes:
             cmd = [sys.executable, "-m", "nanochat.dataset", f"--sources={sources}", f"--output_dir={data_dir}"]
