@@ -122,6 +122,13 @@ def test_save_load_round_trip(tok, val_texts, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temp dir left behind"
 
 
+def test_ranks_file_is_tiktoken_format(tok, tmp_path, monkeypatch):
+    from tiktoken.load import load_tiktoken_bpe
+    tok.save(str(tmp_path / "tok"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local file, cache nothing
+    assert load_tiktoken_bpe(str(tmp_path / "tok" / "ranks.tiktoken")) == dict(tok.get_mergeable_ranks())
+
+
 def test_save_over_existing_keeps_other_files(tok, tmp_path):
     path = tmp_path / "tok"
     path.mkdir()
