@@ -64,18 +64,23 @@ def _flat_padded(t, world_size):
 class DistAdamW(torch.optim.Optimizer):
     """AdamW with gradients averaged across ranks and the state sharded (1/world per rank).
     Every rank must call step() (it runs collectives). A parameter with no gradient counts as
-    a zero gradient, so that all ranks issue the same collectives."""
+    a zero gradient, so that all ranks issue the same collectives.
+
+    Clipping by the global norm (nanochat.training.clip_grad_norm): reduce_gradients() averages
+    the gradients first and returns the squared norm of this rank's shards (the sum over ranks
+    is the squared norm of the averaged gradient); the caller sets grad_scale, which the next
+    step() applies to the averaged gradient (and then resets to 1)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.grad_scale = 1.0
+        self._pending = None  # gradient reductions launched and not yet consumed by step()
 
-    @torch.no_grad()
-    def step(self):
+    def _launch_reductions(self):
         rank, world_size = dist.get_rank(), dist.get_world_size()
         # Gloo (CPU) implements no reduce_scatter: all_reduce the whole gradient and keep our
         # slice. Same result, twice the traffic; fine for the CPU tests and small CPU runs.
         has_reduce_scatter = dist.get_backend() == "nccl"
-        # Phase 1: launch every gradient reduction, so communication overlaps with the updates.
         pending = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -90,13 +95,45 @@ class DistAdamW(torch.optim.Optimizer):
                         grad_buf = grad_buf.clone()  # leave p.grad as this rank computed it
                     work = dist.all_reduce(grad_buf, op=dist.ReduceOp.SUM, async_op=True)
                     grad_shard = grad_buf[rank * shard_len:(rank + 1) * shard_len]
-                pending.append((group, p, grad_shard, work))
+                divisor = 1 if has_reduce_scatter else world_size
+                pending.append({"group": group, "p": p, "grad": grad_shard, "work": work, "divisor": divisor})
+        return pending
+
+    @staticmethod
+    def _finish(item):
+        """Wait for one reduction; afterwards item["grad"] is our shard of the averaged gradient."""
+        if item["work"] is not None:
+            item["work"].wait()
+            item["work"] = None
+            if item["divisor"] != 1:
+                item["grad"].div_(item["divisor"])
+
+    @torch.no_grad()
+    def reduce_gradients(self):
+        """Average the gradients across ranks now; return the squared norm of our shards."""
+        self._pending = self._launch_reductions()
+        sq = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
+        for item in self._pending:
+            self._finish(item)
+            sq += item["grad"].float().square().sum()
+        return sq
+
+    @torch.no_grad()
+    def step(self):
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        has_reduce_scatter = dist.get_backend() == "nccl"
+        # Phase 1 (unless reduce_gradients did it): launch every gradient reduction at once,
+        # so communication overlaps with the updates below.
+        pending = self._pending if self._pending is not None else self._launch_reductions()
+        self._pending = None
+        grad_scale, self.grad_scale = self.grad_scale, 1.0
         # Phase 2: update our slice of each parameter, then all-gather the slices.
         gathers = []
-        for group, p, grad_shard, work in pending:
-            work.wait()
-            if not has_reduce_scatter:
-                grad_shard.div_(world_size)
+        for item in pending:
+            self._finish(item)
+            group, p, grad_shard = item["group"], item["p"], item["grad"]
+            if grad_scale != 1.0:
+                grad_shard.mul_(grad_scale)
             param_buf = _flat_padded(p, world_size)
             shard_len = param_buf.numel() // world_size
             param_shard = param_buf[rank * shard_len:(rank + 1) * shard_len]

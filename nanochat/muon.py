@@ -98,7 +98,12 @@ class Muon(torch.optim.Optimizer):
 class DistMuon(torch.optim.Optimizer):
     """Muon with gradients averaged across ranks and matrices dealt out to ranks (see the
     module docstring). Every rank must call step(). A parameter with no gradient counts as a
-    zero gradient, so that all ranks issue the same collectives."""
+    zero gradient, so that all ranks issue the same collectives.
+
+    Clipping by the global norm (nanochat.training.clip_grad_norm): reduce_gradients() averages
+    the gradients first and returns the squared norm of the matrices this rank owns (the sum
+    over ranks is the squared norm of the averaged gradient); the caller sets grad_scale, which
+    the next step() applies to the averaged gradient (and then resets to 1)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
@@ -114,14 +119,14 @@ class DistMuon(torch.optim.Optimizer):
                 same = [p for p in group["params"] if p.shape == shape]
                 groups.append({**group, "params": same})
         self.param_groups = groups
+        self.grad_scale = 1.0
+        self._pending = None  # gradient reductions launched and not yet consumed by step()
 
-    @torch.no_grad()
-    def step(self):
+    def _launch_reductions(self):
         rank, world_size = dist.get_rank(), dist.get_world_size()
         # Gloo (CPU) implements no reduce_scatter: reduce each gradient to the rank that owns
         # its matrix instead (the same data lands in the same place; the owner divides).
         has_reduce_scatter = dist.get_backend() == "nccl"
-        # Phase 1: launch every gradient reduction, so communication overlaps with the updates.
         # Owners rotate across chunks (not restarting at rank 0), so the short chunks left by
         # each shape do not all land on the same rank.
         pending = []
@@ -144,16 +149,50 @@ class DistMuon(torch.optim.Optimizer):
                     works = [dist.reduce(g, dst=owner, op=dist.ReduceOp.SUM, async_op=True)
                              for owner, g in enumerate(grads)]
                     grad = grads[rank]
-                pending.append((group, slots, grad, works))
+                divisor = 1 if has_reduce_scatter else world_size
+                pending.append({"group": group, "slots": slots, "grad": grad, "works": works, "divisor": divisor})
+        return pending
+
+    @staticmethod
+    def _finish(item, rank):
+        """Wait for one chunk's reduction; afterwards item["grad"] is the averaged gradient of
+        the matrix this rank owns in the chunk (meaningless if it owns none)."""
+        if item["works"]:
+            for work in item["works"]:
+                work.wait()
+            item["works"] = []
+            if item["divisor"] != 1 and item["slots"][rank] is not None:
+                item["grad"].div_(item["divisor"])
+
+    @torch.no_grad()
+    def reduce_gradients(self):
+        """Average the gradients across ranks now; return the squared norm of our matrices'."""
+        rank = dist.get_rank()
+        self._pending = self._launch_reductions()
+        sq = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
+        for item in self._pending:
+            self._finish(item, rank)
+            if item["slots"][rank] is not None:
+                sq += item["grad"].float().square().sum()
+        return sq
+
+    @torch.no_grad()
+    def step(self):
+        rank = dist.get_rank()
+        # Phase 1 (unless reduce_gradients did it): launch every gradient reduction at once,
+        # so communication overlaps with the updates below.
+        pending = self._pending if self._pending is not None else self._launch_reductions()
+        self._pending = None
+        grad_scale, self.grad_scale = self.grad_scale, 1.0
         # Phase 2: update the matrix we own in each chunk, then all-gather the chunk.
         gathers = []
-        for group, slots, grad, works in pending:
-            for work in works:
-                work.wait()
+        for item in pending:
+            self._finish(item, rank)
+            group, slots, grad = item["group"], item["slots"], item["grad"]
             p = slots[rank]
             if p is not None:
-                if not has_reduce_scatter:
-                    grad.div_(world_size)
+                if grad_scale != 1.0:
+                    grad.mul_(grad_scale)
                 _muon_step_one(self, group, p, grad)
                 send = p.clone()  # p is also an output slot of the gather: send a copy, not an alias
             else:

@@ -41,6 +41,7 @@ def averaged_grads(shapes, step):
 
 ADAM_KW = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
 MUON_KW = dict(lr=0.02, momentum=0.9, weight_decay=0.05)
+MAX_NORM = 0.05  # global-norm clipping in the GPT test; the tiny GPT's gradient norm is larger
 
 
 def run_single(kind, shapes):
@@ -87,13 +88,21 @@ def _dist_worker(rank, port, out_dir):
                 for p, g in zip(params, grads):  # the local gradients are left as they were
                     assert torch.equal(p.grad, g)
             out[kind] = {"params": [p.detach() for p in params], "n_state": len(opt.state)}
-        # a GPT through setup_optimizers, each rank on its own batch
+        # a GPT through setup_optimizers, each rank on its own batch, clipped by the global
+        # norm: reduce_gradients() -> one all-reduce -> grad_scale -> step()
         model = tiny_gpt()
         optimizers = model.setup_optimizers()
         out["optimizer_types"] = [type(opt).__name__ for opt in optimizers]
+        out["norms"] = []
         for step in range(STEPS):
             x, y = gpt_batch(step, rank)
             model(x, y).backward()
+            sq = sum(opt.reduce_gradients() for opt in optimizers)
+            dist.all_reduce(sq)
+            norm = sq.sqrt().item()
+            for opt in optimizers:
+                opt.grad_scale = min(1.0, MAX_NORM / (norm + 1e-6))
+            out["norms"].append(norm)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
@@ -224,15 +233,24 @@ def test_distributed_gpt_matches_averaged_gradients(dist_results):
     model = tiny_gpt()
     optimizers = model.setup_optimizers()
     assert [type(opt).__name__ for opt in optimizers] == ["AdamW", "Muon"]
+    norms = []
     for step in range(STEPS):
         for rank in range(WORLD_SIZE):  # accumulate both ranks' gradients, then average
             x, y = gpt_batch(step, rank)
             model(x, y).backward()
         for p in model.parameters():
             p.grad /= WORLD_SIZE
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+        # Clip with the coefficient the ranks used: the two norms differ in the last bits (sum
+        # order), and the embedding's large Adam lr at width 32 amplifies that to ~1e-6.
+        scale = min(1.0, MAX_NORM / (dist_results[0]["norms"][step] + 1e-6))
+        for p in model.parameters():
+            p.grad.mul_(scale)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+    assert max(norms) > MAX_NORM  # clipping did happen
     for r, result in enumerate(dist_results):
+        assert result["norms"] == pytest.approx(norms, rel=1e-5)
         for name, value in model.state_dict().items():
             torch.testing.assert_close(result["gpt"][name], value, atol=1e-6, rtol=0, msg=f"rank {r}, {name}")
