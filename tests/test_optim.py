@@ -3,6 +3,7 @@
 
 Run: python -m pytest tests/test_optim.py -q   (CPU, a few seconds; the 2-process tests spawn)
 """
+import io
 import os
 import socket
 
@@ -48,7 +49,7 @@ def run_single(kind, shapes):
     """The single-process reference, fed the averaged gradients."""
     params = make_params(shapes, seed=0)
     opt = AdamW(params, **ADAM_KW) if kind == "adamw" else Muon(params, **MUON_KW)
-    for step in range(STEPS):
+    for step in range(STEPS + 1):  # the ranks take one more step after their resume check
         for p, g in zip(params, averaged_grads(shapes, step)):
             p.grad = g
         opt.step()
@@ -87,7 +88,19 @@ def _dist_worker(rank, port, out_dir):
                 opt.step()
                 for p, g in zip(params, grads):  # the local gradients are left as they were
                     assert torch.equal(p.grad, g)
-            out[kind] = {"params": [p.detach() for p in params], "n_state": len(opt.state)}
+            # resume: a fresh optimizer loaded from this rank's state_dict continues identically
+            copies = [p.detach().clone().requires_grad_() for p in params]
+            resumed = DistAdamW(copies, **ADAM_KW) if kind == "adamw" else DistMuon(copies, **MUON_KW)
+            buf = io.BytesIO()  # through bytes, as a checkpoint does (and loadable weights_only)
+            torch.save(opt.state_dict(), buf)
+            buf.seek(0)
+            resumed.load_state_dict(torch.load(buf, weights_only=True))
+            for o, ps in ((opt, params), (resumed, copies)):
+                for p, g in zip(ps, rank_grads(shapes, STEPS, rank)):
+                    p.grad = g
+                o.step()
+            out[kind] = {"params": [p.detach() for p in params], "n_state": len(opt.state),
+                         "resumed_equal": all(torch.equal(a, b) for a, b in zip(params, copies))}
         # a GPT through setup_optimizers, each rank on its own batch, clipped by the global
         # norm: reduce_gradients() -> one all-reduce -> grad_scale -> step()
         model = tiny_gpt()
@@ -218,6 +231,7 @@ def test_muon_refuses_vectors():
 def test_distributed_matches_single_process(kind, shapes, dist_results):
     expected = run_single(kind, shapes)
     for r, result in enumerate(dist_results):
+        assert result[kind]["resumed_equal"], f"rank {r}: {kind} did not resume from its state_dict"
         for p, e in zip(result[kind]["params"], expected):
             torch.testing.assert_close(p, e, atol=1e-6, rtol=0, msg=f"rank {r}, shape {tuple(e.shape)}")
     if kind == "muon":
