@@ -334,7 +334,7 @@ def test_special_tokens(small_tok):
     specials = {"<|bos|>": n, "<|user_start|>": n + 1, "<think>": n + 2}
     tok.set_special_tokens(specials)
     assert tok.get_special_tokens() == specials
-    assert tok.vocab_size == n  # specials are not counted
+    assert tok.vocab_size == n, "the shared interface: .vocab_size counts 256 bytes + merges, not specials"
     text = "<|bos|>hi <think>x</think><|user_start|>"
     with_special = tok.encode_with_special(text)
     assert with_special[0] == n and n + 1 == with_special[-1] and n + 2 in with_special
