@@ -154,6 +154,30 @@ def any_rank(flag, device=None):
 
 
 # -----------------------------------------------------------------------------
+# Gradient clipping on the global gradient
+
+def clip_grad_norm(model, optimizers, max_norm):
+    """
+    Clip to max_norm by the norm of the *rank-averaged* gradient, so a DDP run clips exactly
+    as one process with the same total batch does. The distributed optimizers average the
+    gradients inside their step; here each first reduces (`reduce_gradients()` returns the
+    squared norm of the shard it owns), one all-reduce gives the global norm, and the scale
+    is handed to their step. Returns the norm before clipping.
+    """
+    distributed = [opt for opt in optimizers if hasattr(opt, "reduce_gradients")]
+    if not distributed:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    assert len(distributed) == len(optimizers), "mixing distributed and local optimizers"
+    sq = sum(opt.reduce_gradients() for opt in optimizers)
+    dist.all_reduce(sq)
+    norm = sq.sqrt().item()
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    for opt in optimizers:
+        opt.grad_scale = scale
+    return norm
+
+
+# -----------------------------------------------------------------------------
 # Memory guard
 
 def _read_proc_kb(path, field):

@@ -58,12 +58,9 @@ for split in ["train", "val"]:
 if rank == 0:
     prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                "The opposite of hot is", "The planets of the solar system are:", "中国的首都是", "My favorite color is"]
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            for _ in range(max_new_tokens):
-                with autocast:
-                    logits = model(torch.tensor([ids[-seq_len:]], device=device))
-                ids.append(int(logits[0, -1].argmax()))
-            print0(f"  {tokenizer.decode(ids[1:])!r}")
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        with autocast:
+            ids += list(model.generate(ids, max_new_tokens, temperature=0))
+        print0(f"  {tokenizer.decode(ids[1:])!r}")
 compute_cleanup()

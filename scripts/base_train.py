@@ -18,7 +18,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
@@ -28,8 +27,8 @@ from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, format_step_line, lr_multiplier,
-                               muon_momentum, plot_loss_curve, write_json_atomic)
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, any_rank, clip_grad_norm, format_step_line, get_rng_state,
+                               lr_multiplier, muon_momentum, plot_loss_curve, set_rng_state, write_json_atomic)
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -76,7 +75,7 @@ master = rank == 0
 seed_everything(seed + rank)
 dtype = compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-wandb_run = init_wandb("dummy" if use_dummy_wandb else run, user_config, master)
+wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -125,7 +124,7 @@ if resume or resume_from_step >= 0:
             raise SystemExit(f"resume: checkpoint was written with {train_state['num_lanes']} data lanes (ranks x accum), "
                              f"this run has {world_size * grad_accum_steps}; keep the same batch layout to resume")
         loader_states = train_state["loader_states"]
-        torch.set_rng_state(train_state["rng"])
+        set_rng_state(train_state["rng"])
         start_step, history, val_bpb = meta["step"], meta["history"], meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
         del model_state, train_state
@@ -141,25 +140,22 @@ eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size
 def save(step):
     """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
     train_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader_states": loader_states,
-                   "num_lanes": world_size * grad_accum_steps, "rng": torch.get_rng_state()}
+                   "num_lanes": world_size * grad_accum_steps, "rng": get_rng_state()}
     meta = {"step": step, "val_bpb": val_bpb, "model_config": model_config.__dict__, "config": user_config,
             "tokenizer_vocab_size": vocab_size, "history": history}
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state, meta, rank=rank, keep_last=keep_last)
     if master:
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
         plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
-                        f"base d{depth}: train loss")
+                        f"base d{depth}: train loss", val_steps=history["val_step"], val_values=history["val_bpb"])
 
 
-@torch.no_grad()
 def sample(prompts, max_new_tokens=24):
     orig_model.eval()
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        for _ in range(max_new_tokens):
-            with autocast:
-                logits = orig_model(torch.tensor([ids[-max_seq_len:]], device=device))
-            ids.append(int(logits[0, -1].argmax()))
+        with autocast:
+            ids += list(orig_model.generate(ids, max_new_tokens, temperature=0))
         print0(f"  {tokenizer.decode(ids[1:])!r}")
     orig_model.train()
 
@@ -189,10 +185,8 @@ while True:
                 "中国的首都是", "The opposite of hot is"])
 
     stop_reason = graceful.reason() or memory_guard.check()
-    if ddp:  # every rank must agree to stop, or the collectives hang
-        flag = torch.tensor(int(bool(stop_reason)), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_reason = stop_reason or ("another rank asked to stop" if flag.item() else None)
+    if any_rank(stop_reason, device):  # every rank stops at the same step, or the collectives hang
+        stop_reason = stop_reason or "another rank asked to stop"
     if last_step or stop_reason or (save_every > 0 and step > start_step and step % save_every == 0):
         save(step)
         print0(f"saved {checkpoint_dir} step {step}")
@@ -208,10 +202,8 @@ while True:
         with autocast:
             loss = model(x, y)
         (loss / grad_accum_steps).backward()
-    if ddp:
-        pass  # the distributed optimizers reduce the gradients themselves
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip)
+    if grad_clip > 0:  # on the global (rank-averaged) gradient, so DDP and accumulation agree
+        clip_grad_norm(orig_model, optimizers, grad_clip)
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
     for opt in optimizers:
         for group in opt.param_groups:
