@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
@@ -72,7 +73,7 @@ user_config = configure(globals())
 device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
-seed_everything(seed + rank)
+seed_everything(seed)  # the same on every rank: identical initial weights (there is no DDP broadcast)
 dtype = compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
@@ -197,11 +198,13 @@ while True:
 
     # one optimization step: grad_accum_steps micro-batches, each from its own data lane
     t0 = time.time()
+    train_loss = torch.zeros((), device=device)
     for k in range(grad_accum_steps):
         x, y, loader_states[k] = next(train_loaders[k])
         with autocast:
             loss = model(x, y)
         (loss / grad_accum_steps).backward()
+        train_loss += loss.detach() / grad_accum_steps
     if grad_clip > 0:  # on the global (rank-averaged) gradient, so DDP and accumulation agree
         clip_grad_norm(orig_model, optimizers, grad_clip)
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
@@ -213,7 +216,10 @@ while True:
     for opt in optimizers:
         opt.step()
     orig_model.zero_grad(set_to_none=True)
-    loss_value = loss.item()  # the last micro-batch's loss; syncs so the timing is honest
+    if ddp:  # log the loss of the whole batch, identical however it is split across ranks
+        dist.all_reduce(train_loss)  # SUM then divide: gloo has no AVG
+        train_loss /= world_size
+    loss_value = train_loss.item()  # also syncs the device, so the timing is honest
     dt = time.time() - t0
     eta.update(dt)
     step += 1
