@@ -9,6 +9,7 @@ use ahash::AHashMap;
 
 use rayon::prelude::*;
 
+use crate::fasthash::{short_key, PairMap, ShortMap, SHORT_MAX};
 use crate::pretokenize::Splitter;
 
 /// Below this, one text is encoded on one thread (the fork/join would cost more).
@@ -65,7 +66,19 @@ pub struct Vocab {
     pub decoder: AHashMap<Rank, Vec<u8>>,
     /// Rank of each single byte: the encoder's innermost lookup, made an array.
     byte_rank: [Rank; 256],
+    /// (left rank << 32 | right rank) -> rank of the two tokens' concatenated bytes.
+    pair_rank: PairMap<Rank>,
+    /// The same for two single bytes, as a dense 256x256 table indexed by the bytes
+    /// (256 KiB, stays in L2): the first round of every merge is all byte pairs.
+    byte_pair_rank: Vec<Rank>,
+    /// Ranks of the tokens of at most SHORT_MAX bytes, keyed by `short_key`: the
+    /// whole-chunk lookup that most chunks end with, without a slice hash or memcmp.
+    short: ShortMap<Rank>,
 }
+
+/// Chunks up to this many bytes merge in stack arrays with a linear scan; longer ones
+/// use a heap.
+const SMALL: usize = 64;
 
 impl Vocab {
     /// Builds a vocabulary from (bytes, rank) pairs. Every single byte must have a rank,
@@ -90,7 +103,28 @@ impl Vocab {
                 .get(&[b as u8][..])
                 .ok_or_else(|| format!("the ranks have no token for the single byte {b}"))?;
         }
-        Ok(Vocab { encoder, decoder, byte_rank })
+        // Every way to split each token into two tokens. The merge loop only ever joins
+        // two tokens, so this table answers all its lookups.
+        let mut pair_rank = PairMap::with_capacity_and_hasher(encoder.len() * 4, Default::default());
+        for (bytes, &rank) in &encoder {
+            for k in 1..bytes.len() {
+                if let (Some(&l), Some(&r)) = (encoder.get(&bytes[..k]), encoder.get(&bytes[k..])) {
+                    pair_rank.insert(((l as u64) << 32) | r as u64, rank);
+                }
+            }
+        }
+        let short = encoder
+            .iter()
+            .filter(|(b, _)| b.len() <= SHORT_MAX)
+            .map(|(b, &r)| (short_key(b), r))
+            .collect();
+        let mut byte_pair_rank = vec![Rank::MAX; 1 << 16];
+        for (bytes, &rank) in &encoder {
+            if bytes.len() == 2 {
+                byte_pair_rank[(bytes[0] as usize) << 8 | bytes[1] as usize] = rank;
+            }
+        }
+        Ok(Vocab { encoder, decoder, byte_rank, pair_rank, byte_pair_rank, short })
     }
 
     /// The 256 single bytes (rank = byte value) followed by one token per merge.
@@ -117,116 +151,121 @@ impl Vocab {
         v
     }
 
-    #[inline]
-    fn rank_of(&self, bytes: &[u8]) -> Rank {
-        match bytes.len() {
-            1 => self.byte_rank[bytes[0] as usize],
-            _ => self.encoder.get(bytes).copied().unwrap_or(Rank::MAX),
-        }
+    /// Rank of the concatenation of tokens `a` and `b`, if it is a token.
+    #[inline(always)]
+    fn pair(&self, a: Rank, b: Rank) -> Rank {
+        self.pair_rank.get(&(((a as u64) << 32) | b as u64)).copied().unwrap_or(Rank::MAX)
+    }
+
+    #[inline(always)]
+    fn byte_pair(&self, a: u8, b: u8) -> Rank {
+        self.byte_pair_rank[(a as usize) << 8 | b as usize]
     }
 
     /// Appends the ids of one pre-split chunk.
+    #[inline]
     pub fn encode_chunk(&self, chunk: &[u8], out: &mut Vec<Rank>) {
         if chunk.len() == 1 {
             out.push(self.byte_rank[chunk[0] as usize]);
             return;
         }
         // Most chunks of in-domain text are whole tokens: one hash lookup.
-        if let Some(&r) = self.encoder.get(chunk) {
+        let whole = if chunk.len() <= SHORT_MAX {
+            self.short.get(&short_key(chunk))
+        } else {
+            self.encoder.get(chunk)
+        };
+        if let Some(&r) = whole {
             out.push(r);
             return;
         }
-        if chunk.len() < 128 {
+        if chunk.len() <= SMALL {
             self.merge_small(chunk, out);
         } else {
             self.merge_large(chunk, out);
         }
     }
 
-    /// tiktoken's O(n*m) merge: parts[i] = (start byte, rank of the pair starting here).
-    /// For short chunks a linear scan of a small array beats any heap.
+    /// tiktoken's merge loop for a short chunk, on token ids: the parts live in stack
+    /// arrays and each step scans for the lowest pair rank. Every part is a token, so the
+    /// rank of two parts' concatenated bytes is one lookup in the (left, right) table
+    /// instead of hashing a byte slice as tiktoken does.
     fn merge_small(&self, piece: &[u8], out: &mut Vec<Rank>) {
-        let mut parts: Vec<(usize, Rank)> = Vec::with_capacity(piece.len() + 1);
-        for i in 0..piece.len() - 1 {
-            parts.push((i, self.rank_of(&piece[i..i + 2])));
+        let mut toks = [0 as Rank; SMALL];
+        let mut pairs = [Rank::MAX; SMALL];
+        let mut n = piece.len();
+        for (i, &b) in piece.iter().enumerate() {
+            toks[i] = self.byte_rank[b as usize];
         }
-        parts.push((piece.len() - 1, Rank::MAX));
-        parts.push((piece.len(), Rank::MAX));
-
-        // Rank of the bytes spanning parts[i] and parts[i+1], once they would be merged.
-        let pair_rank = |parts: &[(usize, Rank)], i: usize| -> Rank {
-            if i + 3 < parts.len() {
-                self.rank_of(&piece[parts[i].0..parts[i + 3].0])
-            } else {
-                Rank::MAX
-            }
-        };
+        for i in 0..n - 1 {
+            pairs[i] = self.byte_pair(piece[i], piece[i + 1]);
+        }
+        // pairs[i] ranks toks[i] + toks[i+1]; pairs[n-1] stays Rank::MAX.
         loop {
-            let mut min = (Rank::MAX, usize::MAX);
-            for (i, &(_, r)) in parts[..parts.len() - 1].iter().enumerate() {
-                if r < min.0 {
-                    min = (r, i);
+            let mut best = (Rank::MAX, 0);
+            for (i, &r) in pairs[..n - 1].iter().enumerate() {
+                if r < best.0 {
+                    best = (r, i);
                 }
             }
-            if min.0 == Rank::MAX {
+            if best.0 == Rank::MAX {
                 break;
             }
-            let i = min.1;
-            parts[i].1 = pair_rank(&parts, i);
-            if i > 0 {
-                parts[i - 1].1 = pair_rank(&parts, i - 1);
+            let i = best.1;
+            toks[i] = best.0;
+            toks.copy_within(i + 2..n, i + 1);
+            pairs.copy_within(i + 2..n, i + 1);
+            n -= 1;
+            pairs[n - 1] = Rank::MAX;
+            if i + 1 < n {
+                pairs[i] = self.pair(toks[i], toks[i + 1]);
+            } else {
+                pairs[i] = Rank::MAX;
             }
-            parts.remove(i + 1);
+            if i > 0 {
+                pairs[i - 1] = self.pair(toks[i - 1], toks[i]);
+            }
         }
-        for w in parts.windows(2) {
-            out.push(self.rank_of(&piece[w[0].0..w[1].0]));
-        }
+        out.extend_from_slice(&toks[..n]);
     }
 
     /// The same merge rule for long chunks (long CJK runs, long symbol runs): a min-heap
     /// keyed by (rank, position) over a linked list of parts, O(n log n) instead of
-    /// O(n^2). Stale heap entries are skipped when popped.
+    /// tiktoken's O(n^2). Stale heap entries are skipped when popped.
     fn merge_large(&self, piece: &[u8], out: &mut Vec<Rank>) {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         let n = piece.len();
-        // Parts are identified by their start byte; next/prev link the live parts.
+        // Parts are identified by their first byte's position; next/prev link live parts.
+        let mut tok: Vec<Rank> = piece.iter().map(|&b| self.byte_rank[b as usize]).collect();
         let mut next: Vec<usize> = (1..=n).collect();
         let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
         let mut alive = vec![true; n];
         let mut heap = BinaryHeap::with_capacity(n);
-        let rank_at = |start: usize, next: &[usize]| -> Rank {
-            // Rank of part `start` merged with the part after it.
-            let mid = next[start];
-            if mid >= n {
-                return Rank::MAX;
-            }
-            self.rank_of(&piece[start..next[mid]])
-        };
         for i in 0..n - 1 {
-            let r = self.rank_of(&piece[i..i + 2]);
+            let r = self.byte_pair(piece[i], piece[i + 1]);
             if r != Rank::MAX {
                 heap.push(Reverse((r, i)));
             }
         }
         while let Some(Reverse((r, i))) = heap.pop() {
-            if !alive[i] || next[i] >= n || rank_at(i, &next) != r {
+            if !alive[i] || next[i] >= n || self.pair(tok[i], tok[next[i]]) != r {
                 continue;
             }
-            // Merge part i with the next one.
             let j = next[i];
             alive[j] = false;
+            tok[i] = r;
             next[i] = next[j];
             if next[j] < n {
                 prev[next[j]] = i;
-            }
-            let ri = rank_at(i, &next);
-            if ri != Rank::MAX {
-                heap.push(Reverse((ri, i)));
+                let rn = self.pair(r, tok[next[j]]);
+                if rn != Rank::MAX {
+                    heap.push(Reverse((rn, i)));
+                }
             }
             let p = prev[i];
             if p != usize::MAX {
-                let rp = rank_at(p, &next);
+                let rp = self.pair(tok[p], r);
                 if rp != Rank::MAX {
                     heap.push(Reverse((rp, p)));
                 }
@@ -234,7 +273,7 @@ impl Vocab {
         }
         let mut i = 0;
         while i < n {
-            out.push(self.rank_of(&piece[i..next[i]]));
+            out.push(tok[i]);
             i = next[i];
         }
     }
@@ -380,31 +419,63 @@ mod tests {
         assert_eq!(out, vec![b'a' as Rank, 256, b'd' as Rank]);
     }
 
+    /// tiktoken's algorithm as written there: byte slices, rank of concatenated bytes.
+    fn reference_merge(v: &Vocab, piece: &[u8]) -> Vec<Rank> {
+        let rank = |b: &[u8]| v.encoder.get(b).copied().unwrap_or(Rank::MAX);
+        let mut parts: Vec<(usize, Rank)> = (0..piece.len() - 1).map(|i| (i, rank(&piece[i..i + 2]))).collect();
+        parts.push((piece.len() - 1, Rank::MAX));
+        parts.push((piece.len(), Rank::MAX));
+        let get = |parts: &Vec<(usize, Rank)>, i: usize| {
+            if i + 3 < parts.len() { rank(&piece[parts[i].0..parts[i + 3].0]) } else { Rank::MAX }
+        };
+        loop {
+            let mut min = (Rank::MAX, 0);
+            for (i, &(_, r)) in parts[..parts.len() - 1].iter().enumerate() {
+                if r < min.0 {
+                    min = (r, i);
+                }
+            }
+            if min.0 == Rank::MAX {
+                break;
+            }
+            let i = min.1;
+            if i > 0 {
+                parts[i - 1].1 = get(&parts, i - 1);
+            }
+            parts[i].1 = get(&parts, i);
+            parts.remove(i + 1);
+        }
+        parts.windows(2).map(|w| rank(&piece[w[0].0..w[1].0])).collect()
+    }
+
     #[test]
-    fn small_and_large_merges_agree() {
-        let v = vocab_with(&[b"aa", b"aaaa", b"ab", b"ba", b"aab", b"bb", b"abab", b"ba ", b" a"]);
+    fn small_and_large_merges_agree_with_tiktoken_rule() {
+        let v = vocab_with(&[
+            b"aa", b"aaaa", b"ab", b"ba", b"aab", b"bb", b"abab", b"ba ", b" a", b"bab", b"a b",
+            b"aaaaaaaa", b" ab", b"b a",
+        ]);
         let mut seed = 7u64;
-        for _ in 0..2000 {
-            let mut piece = vec![];
+        for _ in 0..3000 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let n = 1 + (seed >> 33) as usize % 200;
-            for k in 0..n {
-                let x = seed.rotate_left(k as u32 * 7) ^ (k as u64 * 0x9E37);
-                piece.push([b'a', b'b', b' '][(x % 3) as usize]);
+            let n = 2 + (seed >> 33) as usize % 150;
+            let piece: Vec<u8> = (0..n)
+                .map(|k| {
+                    let x = (seed.rotate_left(k as u32 % 64) ^ (k as u64).wrapping_mul(0x9E3779B97F4A7C15)) >> 13;
+                    [b'a', b'b', b' ', b'a'][(x % 4) as usize]
+                })
+                .collect();
+            let want = reference_merge(&v, &piece);
+            let mut large = vec![];
+            v.merge_large(&piece, &mut large);
+            assert_eq!(large, want, "piece {:?}", String::from_utf8_lossy(&piece));
+            if n <= SMALL {
+                let mut small = vec![];
+                v.merge_small(&piece, &mut small);
+                assert_eq!(small, want, "piece {:?}", String::from_utf8_lossy(&piece));
             }
-            let (mut a, mut b) = (vec![], vec![]);
-            if piece.len() >= 2 {
-                v.merge_small(&piece, &mut a);
-            } else {
-                v.encode_chunk(&piece, &mut a);
-            }
-            if piece.len() >= 2 {
-                v.merge_large(&piece, &mut b);
-            } else {
-                v.encode_chunk(&piece, &mut b);
-            }
-            assert_eq!(a, b, "piece {:?}", String::from_utf8_lossy(&piece));
-            assert_eq!(v.decode_bytes(&a).unwrap(), piece);
+            let mut any = vec![];
+            v.encode_chunk(&piece, &mut any);
+            assert_eq!(v.decode_bytes(&any).unwrap(), piece);
         }
     }
 

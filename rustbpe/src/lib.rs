@@ -2,6 +2,7 @@
 //! Python bindings (feature `python`) are in `python.rs`.
 
 pub mod encode;
+pub mod fasthash;
 pub mod pretokenize;
 pub mod train;
 pub mod unicode;

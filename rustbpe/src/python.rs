@@ -65,6 +65,34 @@ fn specials_from(dict: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Rank)>> {
     Ok(v)
 }
 
+/// A batch is cut at this many bytes even before `buffer_size` strings, so memory
+/// stays bounded when the strings are large (whole books, files).
+const BATCH_MAX_BYTES: usize = 64 << 20;
+
+/// Pulls up to `buffer_size` strings (or BATCH_MAX_BYTES) from `iter`; `done` is true
+/// once it is exhausted. `index` counts the items seen, for error messages.
+fn pull_batch(
+    iter: &mut Bound<'_, pyo3::types::PyIterator>,
+    index: &mut usize,
+    buffer_size: usize,
+) -> PyResult<(Vec<String>, bool)> {
+    let mut batch = Vec::with_capacity(buffer_size.min(1 << 16));
+    let mut bytes = 0;
+    while batch.len() < buffer_size && bytes < BATCH_MAX_BYTES {
+        match iter.next() {
+            None => return Ok((batch, true)),
+            Some(item) => {
+                let item = item?;
+                let s = extract_str(&item, *index, "iterator item")?;
+                bytes += s.len();
+                batch.push(s.to_owned());
+                *index += 1;
+            }
+        }
+    }
+    Ok((batch, false))
+}
+
 #[pymethods]
 impl Tokenizer {
     /// An untrained tokenizer: the 256 single bytes and the default split pattern.
@@ -104,34 +132,48 @@ impl Tokenizer {
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
         let mut iter = iterator.try_iter()?;
 
-        let mut counts = ChunkCounts::default();
-        let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16) as usize);
+        crate::train::log("training starts");
         let mut index = 0usize;
-        let mut done = false;
-        while !done {
-            batch.clear();
-            while batch.len() < buffer_size as usize {
-                match iter.next() {
-                    None => {
-                        done = true;
-                        break;
+        // Pipeline: while a worker thread splits and counts batch k (all cores, no GIL),
+        // this thread pulls batch k+1 from Python under the GIL, so the Python-side
+        // iteration and copying overlap the counting instead of adding to it.
+        let counts = std::thread::scope(|scope| -> PyResult<ChunkCounts> {
+            let mut counts = ChunkCounts::default();
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<ChunkCounts, String>>> = None;
+            loop {
+                let (batch, done) = pull_batch(&mut iter, &mut index, buffer_size as usize)?;
+                if let Some(h) = pending.take() {
+                    counts = py
+                        .detach(|| h.join())
+                        .map_err(|_| PyRuntimeError::new_err("rustbpe internal error: counting thread died"))?
+                        .map_err(PyRuntimeError::new_err)?;
+                }
+                if !batch.is_empty() {
+                    let mut c = std::mem::take(&mut counts);
+                    let splitter = &splitter;
+                    pending = Some(scope.spawn(move || {
+                        catch_unwind(AssertUnwindSafe(|| count_chunks(splitter, &batch, &mut c)))
+                            .map(|_| c)
+                            .map_err(|_| "rustbpe internal error: panic while counting".to_string())
+                    }));
+                }
+                if done {
+                    if let Some(h) = pending.take() {
+                        counts = py
+                            .detach(|| h.join())
+                            .map_err(|_| PyRuntimeError::new_err("rustbpe internal error: counting thread died"))?
+                            .map_err(PyRuntimeError::new_err)?;
                     }
-                    Some(item) => {
-                        let item = item?;
-                        batch.push(extract_str(&item, index, "iterator item")?.to_owned());
-                        index += 1;
-                    }
+                    return Ok(counts);
                 }
             }
-            if !batch.is_empty() {
-                py.detach(|| guarded(|| count_chunks(&splitter, &batch, &mut counts)))?;
-            }
-        }
+        })?;
         if counts.is_empty() {
             return Err(PyValueError::new_err(
                 "empty corpus: the iterator gave no text to train on",
             ));
         }
+        crate::train::log(&format!("{index} texts counted"));
         let num_merges = (vocab_size - 256) as usize;
         let merges = py.detach(|| guarded(|| learn_merges(counts, num_merges)))?;
         self.vocab = Vocab::from_merges(&merges);

@@ -17,9 +17,11 @@ use std::collections::BinaryHeap;
 use ahash::AHashMap;
 use rayon::prelude::*;
 
+use crate::fasthash::PairMap;
 use crate::pretokenize::Splitter;
 
 pub type Pair = (u32, u32);
+
 
 /// chunk -> number of occurrences.
 pub type ChunkCounts = AHashMap<Box<str>, u64>;
@@ -51,13 +53,25 @@ pub fn count_chunks(splitter: &Splitter, texts: &[String], counts: &mut ChunkCou
     }
 }
 
-/// Distinct chunks as token sequences, stored flat: word w is
-/// `syms[start[w] .. start[w] + len[w]]`; merging shrinks `len[w]` in place.
-struct Words {
-    syms: Vec<u32>,
-    start: Vec<usize>,
-    len: Vec<u32>,
-    count: Vec<i64>,
+/// One distinct chunk ("word"): its tokens are `syms[start .. start + len]` in the shared
+/// buffer (merging shrinks `len` in place), and `count` is how often it occurred.
+/// Packed in one struct so visiting a word costs one cache miss for its metadata.
+#[derive(Clone, Copy)]
+struct Word {
+    start: usize,
+    count: i64,
+    len: u32,
+}
+
+#[inline(always)]
+fn prefetch<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint; it never faults, even on a bad address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const T as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[inline(always)]
@@ -70,45 +84,256 @@ fn unkey(k: u64) -> Pair {
     ((k >> 32) as u32, k as u32)
 }
 
+/// The pair -> words index. Lists live back to back in one arena and the map holds
+/// (start, len) into it: a few bytes per pair instead of a heap-allocated Vec per pair,
+/// which matters because every merge creates many new (mostly rare) pairs. Removed lists
+/// leave holes that `compact` squeezes out once they are half the arena.
+struct PairIndex {
+    arena: Vec<u32>,
+    lists: PairMap<(u32, u32)>,
+    live: usize,
+}
+
+impl PairIndex {
+    fn take(&mut self, k: u64) -> std::ops::Range<usize> {
+        match self.lists.remove(&k) {
+            Some((s, n)) => {
+                self.live -= n as usize;
+                s as usize..(s + n) as usize
+            }
+            None => 0..0,
+        }
+    }
+
+    fn remove(&mut self, k: u64) {
+        self.take(k);
+    }
+
+    fn push(&mut self, k: u64, words: impl Iterator<Item = u32>) {
+        let start = self.arena.len();
+        self.arena.extend(words);
+        let n = self.arena.len() - start;
+        assert!(self.arena.len() <= u32::MAX as usize, "pair index exceeds 2^32 entries");
+        self.live += n;
+        self.lists.insert(k, (start as u32, n as u32));
+    }
+
+    fn compact(&mut self) {
+        if self.arena.len() < 1 << 20 || self.live * 2 > self.arena.len() {
+            return;
+        }
+        let mut arena = Vec::with_capacity(self.live * 3 / 2);
+        for (s, n) in self.lists.values_mut() {
+            let start = arena.len() as u32;
+            arena.extend_from_slice(&self.arena[*s as usize..(*s + *n) as usize]);
+            *s = start;
+        }
+        self.arena = arena;
+    }
+}
+
 /// Learns up to `num_merges` merges; merge i creates token 256 + i. Stops early when no
 /// pair occurs any more. Deterministic: ties go to the smallest (left, right) pair.
 pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
-    // Sort the chunks so word ids (and so every later iteration order) do not depend on
-    // hash-map order. Chunks of one byte can never hold a pair: drop them.
-    let mut items: Vec<(Box<str>, u64)> = counts.into_iter().filter(|(k, _)| k.len() > 1).collect();
-    items.par_sort_unstable();
-    let total: usize = items.iter().map(|(k, _)| k.len()).sum();
-    let mut words = Words {
-        syms: Vec::with_capacity(total),
-        start: Vec::with_capacity(items.len()),
-        len: Vec::with_capacity(items.len()),
-        count: Vec::with_capacity(items.len()),
-    };
-    for (k, c) in items {
-        words.start.push(words.syms.len());
-        words.len.push(k.len() as u32);
-        words.count.push(c as i64);
-        words.syms.extend(k.as_bytes().iter().map(|&b| b as u32));
-    }
+    learn_merges_with(counts, num_merges, PARALLEL_MIN_WORDS)
+}
 
-    // Initial pair counts and the pair -> words index, in parallel over word ranges.
-    // Each word appears once per pair it holds (ranges are in word order, so each index
-    // list comes out sorted).
-    let n_words = words.len.len();
-    let n_chunks = rayon::current_num_threads().max(1) * 4;
-    let step = n_words.div_ceil(n_chunks).max(1);
-    let partial: Vec<(AHashMap<u64, i64>, AHashMap<u64, Vec<u32>>)> = (0..n_words)
+fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words: usize) -> Vec<Pair> {
+    // Word order follows the hash map and does not matter: pair counts are sums, and the
+    // heap pops by (count, pair) whatever order entries were pushed in. Chunks of one byte
+    // can never hold a pair: skip them.
+    let (n, total) = counts
+        .iter()
+        .filter(|(k, _)| k.len() > 1)
+        .fold((0, 0), |(n, t), (k, _)| (n + 1, t + k.len()));
+    let mut syms: Vec<u32> = Vec::with_capacity(total);
+    let mut words: Vec<Word> = Vec::with_capacity(n);
+    for (k, c) in counts.into_iter().filter(|(k, _)| k.len() > 1) {
+        words.push(Word { start: syms.len(), count: c as i64, len: k.len() as u32 });
+        syms.extend(k.as_bytes().iter().map(|&b| b as u32));
+    }
+    log(&format!("{} words, {} symbols", words.len(), syms.len()));
+    let (mut pair_counts, mut index) = index_pairs(&words, &syms);
+    log(&format!("{} words, {} pairs: indexed", words.len(), pair_counts.len()));
+
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
+        pair_counts.iter().map(|(&k, &c)| (c, Reverse(k))).collect();
+    let mut merges: Vec<Pair> = Vec::with_capacity(num_merges);
+    // Per-merge scratch. Pair-count changes accumulate in a small, cache-resident map, so
+    // the big global map is touched once per distinct pair instead of once per
+    // occurrence; (new pair, word) records are grouped into index lists afterwards.
+    let mut delta: PairMap<i64> = PairMap::default();
+    let mut born: Vec<(u64, u32)> = Vec::new();
+    let (mut visits, mut pops) = (0usize, 0usize);
+    while merges.len() < num_merges {
+        let Some((c, Reverse(k))) = heap.pop() else { break };
+        pops += 1;
+        let cur = pair_counts.get(&k).copied().unwrap_or(0);
+        if cur != c {
+            if cur > 0 {
+                heap.push((cur, Reverse(k)));
+            }
+            continue;
+        }
+        let pair = unkey(k);
+        let new_id = 256 + merges.len() as u32;
+        merges.push(pair);
+
+        // Words may be listed though they no longer hold the pair; merging them is a
+        // no-op. Lists are sorted, so the words are visited in memory order.
+        let holders = index.take(k);
+        visits += holders.len();
+        let hs = &index.arena[holders];
+        let wp = WordsPtr { words: words.as_mut_ptr(), syms: syms.as_mut_ptr() };
+        if hs.len() < parallel_min_words {
+            // SAFETY: index lists hold distinct, valid word ids; only this thread runs.
+            unsafe { visit_words(wp, hs, pair, new_id, &mut delta, &mut born) };
+        } else {
+            // The first merges touch a large share of all words: split the list over
+            // the cores, each with its own changes, then fold them in list order (so
+            // `born` stays sorted by word within each pair).
+            let per = hs.len().div_ceil(rayon::current_num_threads() * 2);
+            let parts: Vec<(PairMap<i64>, Vec<(u64, u32)>)> = hs
+                .par_chunks(per)
+                .map(|part| {
+                    let (mut d, mut bn) = (PairMap::default(), Vec::new());
+                    // SAFETY: the parts are disjoint slices of a list of distinct,
+                    // valid word ids, so no word is touched by two threads.
+                    unsafe { visit_words(wp, part, pair, new_id, &mut d, &mut bn) };
+                    (d, bn)
+                })
+                .collect();
+            for (d, bn) in parts {
+                for (pk, x) in d {
+                    *delta.entry(pk).or_insert(0) += x;
+                }
+                born.extend(bn);
+            }
+        }
+        pair_counts.remove(&k);
+
+        for (pk, d) in delta.drain() {
+            if d == 0 {
+                continue;
+            }
+            let e = pair_counts.entry(pk).or_insert(0);
+            *e += d;
+            if *e == 0 {
+                // No word holds this pair any more: free it now (its heap entries are
+                // dropped when popped).
+                pair_counts.remove(&pk);
+                index.remove(pk);
+            }
+        }
+        // Pairs with the new token are new: list their words and push each pair once
+        // with its full count. The stable sort keeps each pair's words in order.
+        born.sort_by_key(|&(pk, _)| pk);
+        let mut i = 0;
+        while i < born.len() {
+            let pk = born[i].0;
+            let mut j = i;
+            while j < born.len() && born[j].0 == pk {
+                j += 1;
+            }
+            if let Some(&c) = pair_counts.get(&pk) {
+                if c > 0 {
+                    heap.push((c, Reverse(pk)));
+                    let run = &born[i..j];
+                    index.push(pk, run.iter().enumerate().filter(|&(m, r)| m == 0 || run[m - 1].1 != r.1).map(|(_, r)| r.1));
+                }
+            }
+            i = j;
+        }
+        born.clear();
+        index.compact();
+        if delta.capacity() > 1 << 16 {
+            delta = PairMap::default();
+            born = Vec::new();
+        }
+    }
+    log(&format!(
+        "{} merges done ({visits} word visits, {pops} heap pops, {} pairs left, index {} / {})",
+        merges.len(),
+        pair_counts.len(),
+        index.live,
+        index.arena.len()
+    ));
+    merges
+}
+
+/// Below this many candidate words a merge is done on one thread.
+const PARALLEL_MIN_WORDS: usize = 4096;
+
+/// Raw pointers to the word table, so that disjoint words can be merged from several
+/// threads at once.
+#[derive(Clone, Copy)]
+struct WordsPtr {
+    words: *mut Word,
+    syms: *mut u32,
+}
+// SAFETY: only used by `visit_words`, whose callers give each thread its own words.
+unsafe impl Send for WordsPtr {}
+unsafe impl Sync for WordsPtr {}
+
+/// Merges `pair` into `new_id` in each word of `hs`, adding the pair-count changes to
+/// `delta` and the (new pair, word) records to `born`. Changes to `pair` itself are not
+/// recorded: once every word is merged its count is exactly zero.
+///
+/// SAFETY: the ids in `hs` are distinct, index valid words, and no other thread
+/// touches those words (or their symbols) meanwhile.
+unsafe fn visit_words(
+    wp: WordsPtr,
+    hs: &[u32],
+    pair: Pair,
+    new_id: u32,
+    delta: &mut PairMap<i64>,
+    born: &mut Vec<(u64, u32)>,
+) {
+    let k = key(pair);
+    for (j, &w) in hs.iter().enumerate() {
+        // Profiling showed this loop stalled on two cache misses per word (its metadata,
+        // then its symbols). The list is known ahead, so prefetch both a few words early.
+        if let Some(&w2) = hs.get(j + 16) {
+            prefetch(&*wp.words.add(w2 as usize));
+        }
+        if let Some(&w1) = hs.get(j + 8) {
+            prefetch(&*wp.syms.add((*wp.words.add(w1 as usize)).start));
+        }
+        let word = &mut *wp.words.add(w as usize);
+        let s = std::slice::from_raw_parts_mut(wp.syms.add(word.start), word.len as usize);
+        let n = merge_word(s, pair, new_id, word.count, |p, d| {
+            let pk = key(p);
+            if pk == k {
+                return;
+            }
+            *delta.entry(pk).or_insert(0) += d;
+            if d > 0 && born.last() != Some(&(pk, w)) {
+                born.push((pk, w));
+            }
+        });
+        word.len = n as u32;
+    }
+}
+
+/// Counts every adjacent pair of every word (weighted by the word's count) and lists,
+/// for each pair, the words holding it, in parallel over word ranges. Ranges are merged
+/// in order, so each list is sorted and holds a word once.
+fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
+    let n_words = words.len();
+    let n_ranges = rayon::current_num_threads().max(1) * 4;
+    let step = n_words.div_ceil(n_ranges).max(1);
+    let partial: Vec<(PairMap<i64>, PairMap<Vec<u32>>)> = (0..n_words)
         .step_by(step)
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|lo| {
-            let mut pc: AHashMap<u64, i64> = AHashMap::new();
-            let mut wh: AHashMap<u64, Vec<u32>> = AHashMap::new();
-            for w in lo..(lo + step).min(n_words) {
-                let s = &words.syms[words.start[w]..words.start[w] + words.len[w] as usize];
+            let mut pc: PairMap<i64> = PairMap::default();
+            let mut wh: PairMap<Vec<u32>> = PairMap::default();
+            for (w, word) in words.iter().enumerate().skip(lo).take(step) {
+                let s = &syms[word.start..word.start + word.len as usize];
                 for p in s.windows(2) {
                     let k = key((p[0], p[1]));
-                    *pc.entry(k).or_insert(0) += words.count[w];
+                    *pc.entry(k).or_insert(0) += word.count;
                     let v = wh.entry(k).or_default();
                     if v.last() != Some(&(w as u32)) {
                         v.push(w as u32);
@@ -118,100 +343,42 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
             (pc, wh)
         })
         .collect();
-    let mut pair_counts: AHashMap<u64, i64> = AHashMap::new();
-    let mut where_: AHashMap<u64, Vec<u32>> = AHashMap::new();
-    for (pc, wh) in partial {
-        for (k, c) in pc {
+    let mut pair_counts: PairMap<i64> = PairMap::default();
+    for (pc, _) in &partial {
+        for (&k, &c) in pc {
             *pair_counts.entry(k).or_insert(0) += c;
         }
-        for (k, v) in wh {
-            where_.entry(k).or_default().extend(v);
-        }
     }
-
-    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
-        pair_counts.iter().filter(|(_, &c)| c > 0).map(|(&k, &c)| (c, Reverse(k))).collect();
-
-    let mut merges = Vec::with_capacity(num_merges);
-    let mut new_pairs: Vec<u64> = Vec::new();
-    while merges.len() < num_merges {
-        let Some((c, Reverse(k))) = heap.pop() else { break };
-        let cur = pair_counts.get(&k).copied().unwrap_or(0);
-        if cur != c {
-            if cur > 0 {
-                heap.push((cur, Reverse(k)));
-            }
-            continue;
-        }
-        if c <= 0 {
-            break;
-        }
-        let pair = unkey(k);
-        let new_id = 256 + merges.len() as u32;
-        merges.push(pair);
-
-        let holders = where_.remove(&k).unwrap_or_default();
-        new_pairs.clear();
-        for w in holders {
-            merge_word(&mut words, w as usize, pair, new_id, |p, delta, w| {
-                let pk = key(p);
-                let e = pair_counts.entry(pk).or_insert(0);
-                if delta > 0 && p.0 != new_id && p.1 != new_id {
-                    unreachable!("a merge only creates pairs with the new token");
-                }
-                if delta > 0 {
-                    if *e == 0 {
-                        new_pairs.push(pk);
-                    }
-                    let v = where_.entry(pk).or_default();
-                    if v.last() != Some(&(w as u32)) {
-                        v.push(w as u32);
-                    }
-                }
-                *e += delta;
-            });
-        }
-        debug_assert_eq!(pair_counts.get(&k).copied().unwrap_or(0), 0);
-        pair_counts.remove(&k);
-        for &pk in &new_pairs {
-            let c = pair_counts[&pk];
-            if c > 0 {
-                heap.push((c, Reverse(pk)));
-            }
-        }
+    let mut index = PairIndex { arena: Vec::new(), lists: PairMap::default(), live: 0 };
+    let mut keys: Vec<u64> = pair_counts.keys().copied().collect();
+    keys.sort_unstable();
+    for k in keys {
+        index.push(k, partial.iter().flat_map(|(_, wh)| wh.get(&k).into_iter().flatten().copied()));
     }
-    merges
+    (pair_counts, index)
 }
 
-/// Replaces each occurrence of `pair` in word `w` (left to right, non-overlapping) with
-/// `new_id`, reporting pair-count changes (already weighted by the word's count).
+/// Replaces each occurrence of `pair` in the word `s` (left to right, non-overlapping)
+/// with `new_id`, in place, reporting the pair-count changes (weighted by the word's
+/// `count`). Returns the word's new length.
 #[inline]
-fn merge_word(
-    words: &mut Words,
-    w: usize,
-    pair: Pair,
-    new_id: u32,
-    mut change: impl FnMut(Pair, i64, usize),
-) {
+fn merge_word(s: &mut [u32], pair: Pair, new_id: u32, count: i64, mut change: impl FnMut(Pair, i64)) -> usize {
     let (a, b) = pair;
-    let cnt = words.count[w];
-    let lo = words.start[w];
-    let n = words.len[w] as usize;
-    let s = &mut words.syms[lo..lo + n];
+    let n = s.len();
     let mut out = 0; // write cursor: s[..out] is the merged prefix
     let mut i = 0;
     while i < n {
         if i + 1 < n && s[i] == a && s[i + 1] == b {
-            change(pair, -cnt, w);
+            change(pair, -count);
             if out > 0 {
                 let p = s[out - 1];
-                change((p, a), -cnt, w);
-                change((p, new_id), cnt, w);
+                change((p, a), -count);
+                change((p, new_id), count);
             }
             if i + 2 < n {
                 let q = s[i + 2];
-                change((b, q), -cnt, w);
-                change((new_id, q), cnt, w);
+                change((b, q), -count);
+                change((new_id, q), count);
             }
             s[out] = new_id;
             out += 1;
@@ -222,7 +389,26 @@ fn merge_word(
             i += 1;
         }
     }
-    words.len[w] = out as u32;
+    out
+}
+
+/// Progress lines on stderr when RUSTBPE_VERBOSE is set (timings for profiling).
+pub fn log(msg: &str) {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static START: OnceLock<Option<Instant>> = OnceLock::new();
+    if let Some(t0) = START.get_or_init(|| std::env::var_os("RUSTBPE_VERBOSE").map(|_| Instant::now())) {
+        // CPU time of this thread too: wall time is noisy on a shared machine.
+        let cpu = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(String::new(), |ns| format!(" cpu {:.3}s", ns / 1e9));
+        let rss = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(String::new(), |pages| format!(" rss {:.0}MB", pages * 4096.0 / 1e6));
+        eprintln!("rustbpe [{:8.3}s{cpu}{rss}] {msg}", t0.elapsed().as_secs_f64());
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +502,21 @@ mod tests {
         let one = run(1);
         assert_eq!(one, run(3));
         assert_eq!(one, run(1));
+    }
+
+    #[test]
+    fn parallel_merge_steps_equal_sequential() {
+        let texts: Vec<String> = (0..3000u32)
+            .map(|i| format!("w{} x{}y q{}{} 中{}", i * 7919 % 1000, i % 37, i % 11, i % 13, i % 97))
+            .collect();
+        let sp = Splitter::new(DEFAULT_PATTERN).unwrap();
+        let mut counts = ChunkCounts::default();
+        count_chunks(&sp, &texts, &mut counts);
+        let seq = learn_merges_with(counts.clone(), 300, usize::MAX);
+        let par = learn_merges_with(counts.clone(), 300, 1);
+        assert_eq!(seq, par);
+        assert!(seq.len() > 100);
+        assert_eq!(seq, naive(&counts, 300));
     }
 
     #[test]
