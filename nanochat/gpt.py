@@ -195,6 +195,63 @@ class Block(nn.Module):
         return x
 
 
+# Logits per chunk in the CPU loss: 2^22 fp32 values = 16 MB, near cache size; fewer, larger
+# chunks also mean fewer thread-pool barriers, which hurt when the cores are oversubscribed.
+# 0 turns the chunked loss off (plain path everywhere), e.g. to compare the two.
+LOSS_CHUNK_ELEMENTS = 2 ** 22
+
+
+class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits = softcap * tanh(x @ W^T), made chunk by chunk of tokens and
+    never held whole; used on CPU. Plain PyTorch writes and re-reads about six vocab-sized
+    tensors per step (logits, capped logits, log-probs and their gradients), and on CPU each
+    fresh one also pays page faults: together more than the lm_head matmuls. Here each chunk's
+    logits stay in cache, and the forward keeps only d(loss)/d(x W^T) (softmax minus one-hot,
+    times the tanh derivative) for backward, which is then two matmuls.
+    x: (N, C), already divided by softcap; targets: (N,), -1 = ignored. The reduction's
+    per-token weights are applied to the small tensors in backward, never to the big one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, reduction, needs_grad):
+        N, V = x.size(0), weight.size(0)
+        losses = torch.zeros(N, dtype=torch.float32, device=x.device)
+        dz = torch.empty(N, V, dtype=torch.float32, device=x.device) if needs_grad else None
+        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            t = torch.mm(x[s:e], weight.t()).float().tanh_()
+            logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = targets[s:e] >= 0
+            y = targets[s:e].clamp(min=0)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            losses[s:e] = torch.where(valid, lse - picked, 0.0)
+            if needs_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(e - s, device=x.device), y] -= 1.0
+                grad.mul_(valid[:, None])
+                dz[s:e] = grad.mul_(t.square_().neg_().add_(1.0)).mul_(softcap)  # d tanh = 1 - t^2
+        n_valid = (targets >= 0).sum()
+        ctx.reduction = reduction
+        ctx.save_for_backward(x, weight, dz, n_valid)
+        if reduction == "none":
+            return losses
+        return losses.sum() / n_valid if reduction == "mean" else losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, dz = ctx.saved_tensors[:3]
+        n_valid = ctx.saved_tensors[3]
+        xf, wf = x.float(), weight.float()
+        if ctx.reduction == "none":  # a weight per token: scale the rows of the small operands
+            r = grad_out.float()[:, None]
+            grad_x, grad_w = (dz @ wf) * r, dz.t() @ (xf * r)
+        else:
+            scale = grad_out.float() / n_valid if ctx.reduction == "mean" else grad_out.float()
+            grad_x, grad_w = (dz @ wf) * scale, (dz.t() @ xf) * scale
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -304,11 +361,20 @@ class GPT(nn.Module):
         # z / softcap is computed as lm_head(x / softcap): the division runs over n_embd
         # channels instead of vocab_size logits, one pass fewer over the biggest tensor.
         softcap = self.config.softcap
+        if targets is not None:
+            assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean|sum|none, got {loss_reduction!r}"
+        chunked = x.device.type == "cpu" and LOSS_CHUNK_ELEMENTS > 0 and not torch.compiler.is_compiling()
+        if targets is not None and chunked:
+            # same loss, chunked (see ChunkedSoftcapCrossEntropy); GPUs and torch.compile take
+            # the plain path below, which the compiler fuses. (Uses lm_head.weight directly.)
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            loss = ChunkedSoftcapCrossEntropy.apply((x / softcap).view(B * T, -1), self.lm_head.weight,
+                                                    targets.reshape(-1), softcap, loss_reduction, needs_grad)
+            return loss.view(B, T) if loss_reduction == "none" else loss
         logits = self.lm_head(x / softcap).float()  # fp32 for the tanh and the loss
         logits = softcap * logits.tanh_()  # in place: one vocab-sized allocation fewer
         if targets is None:
             return logits
-        assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean|sum|none, got {loss_reduction!r}"
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss

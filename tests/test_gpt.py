@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
+import nanochat.gpt as gpt_module
 from nanochat.adamw import AdamW
+from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
 from nanochat.muon import Muon
 
 VOCAB = 97
@@ -94,6 +96,38 @@ def test_loss_reductions_agree():
     torch.testing.assert_close(per_token[1], expected)
     with pytest.raises(AssertionError, match="loss_reduction"):
         model(idx, targets, loss_reduction="avg")
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_loss_matches_plain_loss_and_grads(reduction, chunk_tokens, monkeypatch):
+    # On CPU the loss takes ChunkedSoftcapCrossEntropy; it must give the plain path's loss
+    # and gradients. Tiny chunks (3 tokens) so that chunk edges are exercised; 0 = chunking off.
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", chunk_tokens * VOCAB)
+    model = randomize_outputs(make_model())
+    idx = torch.randint(0, VOCAB, (2, 16))
+    targets = torch.randint(0, VOCAB, (2, 16))
+    targets[1, 3:9] = -1
+    weights = torch.rand(2, 16)  # for "none": an arbitrary per-token weighting
+
+    def run(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        (loss * weights).sum().backward() if reduction == "none" else loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def plain():  # logits from the plain path (targets=None), loss by F.cross_entropy
+        logits = model(idx)
+        loss = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction=reduction)
+        return loss.view(2, 16) if reduction == "none" else loss
+
+    loss_ref, grads_ref = run(plain)
+    loss, grads = run(lambda: model(idx, targets, loss_reduction=reduction))
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # eval: no gradient work, same loss
+        torch.testing.assert_close(model(idx, targets, loss_reduction=reduction), loss_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
