@@ -183,10 +183,11 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// Number of ids: mergeable ranks plus special tokens.
+    /// Number of mergeable tokens: the 256 bytes plus the merges (special tokens are
+    /// not counted, as in the shared interface and PyPI rustbpe).
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.vocab.len() + self.specials.by_len.len()
+        self.vocab.len()
     }
 
     fn get_pattern(&self) -> String {
