@@ -34,13 +34,21 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
-def unigram_bpb(token_counts, eval_tokens, token_bytes):
+def unigram_bpb(train_batches, val_batches, steps, token_bytes):
     """
-    The baseline a model must beat: bits per byte of a unigram model (add-one smoothed
-    token frequencies from training data) on eval tokens. All arguments are 1-D tensors.
+    The baseline a model must beat: bits per byte on `steps` val batches of a unigram model
+    (add-one smoothed token frequencies counted over `steps` train batches).
     """
-    probs = (token_counts.double() + 1) / (token_counts.double().sum() + len(token_counts))
-    nbytes = token_bytes[eval_tokens]
-    counted = nbytes > 0
-    nats = -torch.log(probs[eval_tokens[counted]]).sum().item()
-    return nats / (math.log(2) * nbytes.sum().item())
+    counts = torch.zeros(len(token_bytes), dtype=torch.float64)
+    for _ in range(steps):
+        counts += torch.bincount(next(train_batches)[1].reshape(-1).cpu().clamp(min=0), minlength=len(token_bytes)).double()
+    log_probs = torch.log((counts + 1) / (counts.sum() + len(counts)))
+    byte_counts = token_bytes.cpu()
+    nats, nbytes = 0.0, 0
+    for _ in range(steps):
+        targets = next(val_batches)[1].reshape(-1).cpu()
+        targets = targets[(targets >= 0)]
+        targets = targets[byte_counts[targets] > 0]
+        nats -= log_probs[targets].sum().item()
+        nbytes += byte_counts[targets].sum().item()
+    return nats / (math.log(2) * nbytes)

@@ -26,7 +26,7 @@ from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dt
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, any_rank, clip_grad_norm, format_step_line, get_rng_state,
                                lr_multiplier, muon_momentum, plot_loss_curve, set_rng_state, write_json_atomic)
@@ -179,6 +179,11 @@ while True:
         model.train()
         history["val_step"].append(step)
         history["val_bpb"].append(val_bpb)
+        if step == start_step and master:  # context for the first number: a unigram model's bpb on the same batches
+            unigram = unigram_bpb(data_loader(device_batch_size, max_seq_len, "train", tokenizer, data_dir=data_dir or None),
+                                  data_loader(device_batch_size, max_seq_len, "val", tokenizer, data_dir=data_dir or None),
+                                  eval_steps, token_bytes)
+            print0(f"unigram baseline: val bpb {unigram:.4f}")
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
     if master and (last_step or (sample_every > 0 and step > start_step and step % sample_every == 0)):

@@ -110,3 +110,15 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"text": ["hi"], "source": ["t"]}), str(tmp_path / "train_00000.parquet"))
     with pytest.raises(ValueError, match="no full row"):
         next(data_loader(1, 64, "train", ByteTokenizer(), data_dir=str(tmp_path)))
+
+
+def test_unigram_baseline_is_the_entropy_of_token_frequencies():
+    import math
+    import torch
+    from nanochat.loss_eval import unigram_bpb
+    # train and val: tokens 0 and 1 equally often, each 1 byte -> add-one smoothing over 4 ids
+    batch = (None, torch.tensor([[0, 1, 0, 1]]))
+    forever = lambda: iter(lambda: batch, None)
+    bpb = unigram_bpb(forever(), forever(), 10, torch.tensor([1, 1, 1, 0]))
+    expected = -math.log2((20 + 1) / (40 + 4))  # every val token has count 20 of 40
+    assert abs(bpb - expected) < 1e-9
