@@ -208,7 +208,7 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     fresh one also pays page faults: together more than the lm_head matmuls. Here each chunk's
     logits stay in cache, and the forward keeps only d(loss)/d(x W^T) (softmax minus one-hot,
     times the tanh derivative) for backward, which is then two matmuls.
-    x: (N, C), already divided by softcap; targets: (N,), -1 = ignored. The reduction's
+    x: (N, C) fp32, already divided by softcap; targets: (N,), -1 = ignored. The reduction's
     per-token weights are applied to the small tensors in backward, never to the big one."""
 
     @staticmethod
@@ -219,18 +219,21 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
         rows = max(1, LOSS_CHUNK_ELEMENTS // V)
         for s in range(0, N, rows):
             e = min(N, s + rows)
-            t = torch.mm(x[s:e], weight.t()).float().tanh_()
-            logits = t * softcap
-            lse = torch.logsumexp(logits, dim=-1)
+            # t = tanh(z), computed where this chunk's gradient will go (no copy at the end)
+            t = torch.mm(x[s:e], weight.t(), out=dz[s:e]) if needs_grad else torch.mm(x[s:e], weight.t())
+            t.tanh_()
+            # |logits| < softcap, so exp cannot overflow: no max-subtraction pass needed
+            expl = t.mul(softcap).exp_()
+            sumexp = expl.sum(dim=-1)
             valid = targets[s:e] >= 0
             y = targets[s:e].clamp(min=0)
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            losses[s:e] = torch.where(valid, lse - picked, 0.0)
+            picked = t.gather(1, y[:, None]).squeeze(1) * softcap
+            losses[s:e] = torch.where(valid, sumexp.log() - picked, 0.0)
             if needs_grad:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                grad[torch.arange(e - s, device=x.device), y] -= 1.0
-                grad.mul_(valid[:, None])
-                dz[s:e] = grad.mul_(t.square_().neg_().add_(1.0)).mul_(softcap)  # d tanh = 1 - t^2
+                probs = expl.div_(sumexp[:, None])  # softmax
+                probs[torch.arange(e - s, device=x.device), y] -= 1.0
+                probs.mul_(valid[:, None] * softcap)  # ignored rows get no gradient
+                t.square_().neg_().add_(1.0).mul_(probs)  # d logits / dz = softcap * (1 - t^2)
         n_valid = (targets >= 0).sum()
         ctx.reduction = reduction
         ctx.save_for_backward(x, weight, dz, n_valid)
@@ -242,14 +245,13 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, dz = ctx.saved_tensors[:3]
         n_valid = ctx.saved_tensors[3]
-        xf, wf = x.float(), weight.float()
         if ctx.reduction == "none":  # a weight per token: scale the rows of the small operands
-            r = grad_out.float()[:, None]
-            grad_x, grad_w = (dz @ wf) * r, dz.t() @ (xf * r)
+            r = grad_out[:, None]
+            grad_x, grad_w = (dz @ weight) * r, dz.t() @ (x * r)
         else:
-            scale = grad_out.float() / n_valid if ctx.reduction == "mean" else grad_out.float()
-            grad_x, grad_w = (dz @ wf) * scale, (dz.t() @ xf) * scale
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None
+            scale = grad_out / n_valid if ctx.reduction == "mean" else grad_out
+            grad_x, grad_w = (dz @ weight) * scale, (dz.t() @ x) * scale
+        return grad_x, grad_w, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -363,7 +365,8 @@ class GPT(nn.Module):
         softcap = self.config.softcap
         if targets is not None:
             assert loss_reduction in ("mean", "sum", "none"), f"loss_reduction must be mean|sum|none, got {loss_reduction!r}"
-        chunked = x.device.type == "cpu" and LOSS_CHUNK_ELEMENTS > 0 and not torch.compiler.is_compiling()
+        chunked = (x.device.type == "cpu" and x.dtype == torch.float32 and LOSS_CHUNK_ELEMENTS > 0
+                   and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
         if targets is not None and chunked:
             # same loss, chunked (see ChunkedSoftcapCrossEntropy); GPUs and torch.compile take
             # the plain path below, which the compiler fuses. (Uses lm_head.weight directly.)
