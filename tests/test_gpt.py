@@ -207,7 +207,17 @@ def test_setup_optimizers_groups():
     assert all(g["initial_lr"] == g["lr"] for opt in (adamw, muon) for g in opt.param_groups)
 
 
-def test_overfits_one_batch():
+@pytest.fixture
+def one_thread():
+    # 50 steps of a tiny model are hundreds of tiny kernels; with 2 threads on shared, busy
+    # cores each one can wait on a descheduled peer thread (seconds in all). One is enough.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overfits_one_batch(one_thread):
     torch.manual_seed(0)
     model = make_model()
     optimizers = model.setup_optimizers()
