@@ -4,7 +4,9 @@ Choices (each a known improvement over GPT-2, kept because it is cheap and simpl
 - rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm
 - ReLU^2 MLP, no biases, untied token embedding and lm_head
 - grouped-query attention (n_kv_head <= n_head), SDPA attention (flash kernels on GPU)
-- logit soft-capping: softcap * tanh(logits / softcap), computed in fp32
+- logit soft-capping: softcap * tanh(logits / softcap), computed in fp32; on CPU the
+  training loss is computed in chunks without materializing the logits (see
+  ChunkedSoftcapCrossEntropy), elsewhere plainly (torch.compile fuses it)
 
 Make a model with one dial, `depth`, then materialize it:
     config = config_from_depth(depth, vocab_size, sequence_len)
@@ -392,7 +394,7 @@ class GPT(nn.Module):
         c = self.config
         kv_cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.n_embd // c.n_head, c.n_layer)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for i in range(max_tokens):
+        for _ in range(max_tokens):
             logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
