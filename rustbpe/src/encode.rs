@@ -98,14 +98,15 @@ impl Vocab {
             encoder.insert(bytes, rank);
         }
         let mut byte_rank = [0; 256];
-        for b in 0..256usize {
-            byte_rank[b] = *encoder
+        for (b, r) in byte_rank.iter_mut().enumerate() {
+            *r = *encoder
                 .get(&[b as u8][..])
                 .ok_or_else(|| format!("the ranks have no token for the single byte {b}"))?;
         }
         // Every way to split each token into two tokens. The merge loop only ever joins
         // two tokens, so this table answers all its lookups.
-        let mut pair_rank = PairMap::with_capacity_and_hasher(encoder.len() * 4, Default::default());
+        let mut pair_rank =
+            PairMap::with_capacity_and_hasher(encoder.len() * 4, Default::default());
         for (bytes, &rank) in &encoder {
             for k in 1..bytes.len() {
                 if let (Some(&l), Some(&r)) = (encoder.get(&bytes[..k]), encoder.get(&bytes[k..])) {
@@ -124,7 +125,14 @@ impl Vocab {
                 byte_pair_rank[(bytes[0] as usize) << 8 | bytes[1] as usize] = rank;
             }
         }
-        Ok(Vocab { encoder, decoder, byte_rank, pair_rank, byte_pair_rank, short })
+        Ok(Vocab {
+            encoder,
+            decoder,
+            byte_rank,
+            pair_rank,
+            byte_pair_rank,
+            short,
+        })
     }
 
     /// The 256 single bytes (rank = byte value) followed by one token per merge.
@@ -135,12 +143,20 @@ impl Vocab {
             t.extend_from_slice(&tokens[b as usize]);
             tokens.push(t);
         }
-        let ranks = tokens.into_iter().enumerate().map(|(i, t)| (t, i as Rank)).collect();
+        let ranks = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as Rank))
+            .collect();
         Vocab::new(ranks).expect("merges give a complete vocabulary")
     }
 
     pub fn len(&self) -> usize {
         self.decoder.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.decoder.is_empty()
     }
 
     /// (bytes, rank) sorted by rank.
@@ -154,7 +170,10 @@ impl Vocab {
     /// Rank of the concatenation of tokens `a` and `b`, if it is a token.
     #[inline(always)]
     fn pair(&self, a: Rank, b: Rank) -> Rank {
-        self.pair_rank.get(&(((a as u64) << 32) | b as u64)).copied().unwrap_or(Rank::MAX)
+        self.pair_rank
+            .get(&(((a as u64) << 32) | b as u64))
+            .copied()
+            .unwrap_or(Rank::MAX)
     }
 
     #[inline(always)]
@@ -288,11 +307,15 @@ impl Vocab {
     /// certain, so the result is exactly the sequential one.
     pub fn encode_parallel(&self, splitter: &Splitter, text: &str) -> Vec<Rank> {
         let threads = rayon::current_num_threads();
-        if text.len() < PARALLEL_MIN_BYTES || threads < 2 || !matches!(splitter, Splitter::Default) {
+        if text.len() < PARALLEL_MIN_BYTES || threads < 2 || !matches!(splitter, Splitter::Default)
+        {
             return self.encode(splitter, text);
         }
         let pieces = cut_at_boundaries(text, threads * 4);
-        let parts: Vec<Vec<Rank>> = pieces.par_iter().map(|p| self.encode(splitter, p)).collect();
+        let parts: Vec<Vec<Rank>> = pieces
+            .par_iter()
+            .map(|p| self.encode(splitter, p))
+            .collect();
         parts.concat()
     }
 
@@ -348,12 +371,15 @@ impl Specials {
                 ));
             }
             if let Some(other) = seen.insert(id, s.clone()) {
-                return Err(format!("special tokens {other:?} and {s:?} share the id {id}"));
+                return Err(format!(
+                    "special tokens {other:?} and {s:?} share the id {id}"
+                ));
             }
             sp.decoder.insert(id, s.clone().into_bytes());
             sp.by_len.push((s, id));
         }
-        sp.by_len.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        sp.by_len
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         Ok(sp)
     }
 
@@ -377,7 +403,9 @@ impl Specials {
                 }
             }
             let Some((start, k)) = best else { break };
-            splitter.split(&text[pos..start], |c| vocab.encode_chunk(c.as_bytes(), &mut out));
+            splitter.split(&text[pos..start], |c| {
+                vocab.encode_chunk(c.as_bytes(), &mut out)
+            });
             out.push(self.by_len[k].1);
             pos = start + self.by_len[k].0.len();
         }
@@ -422,11 +450,17 @@ mod tests {
     /// tiktoken's algorithm as written there: byte slices, rank of concatenated bytes.
     fn reference_merge(v: &Vocab, piece: &[u8]) -> Vec<Rank> {
         let rank = |b: &[u8]| v.encoder.get(b).copied().unwrap_or(Rank::MAX);
-        let mut parts: Vec<(usize, Rank)> = (0..piece.len() - 1).map(|i| (i, rank(&piece[i..i + 2]))).collect();
+        let mut parts: Vec<(usize, Rank)> = (0..piece.len() - 1)
+            .map(|i| (i, rank(&piece[i..i + 2])))
+            .collect();
         parts.push((piece.len() - 1, Rank::MAX));
         parts.push((piece.len(), Rank::MAX));
         let get = |parts: &Vec<(usize, Rank)>, i: usize| {
-            if i + 3 < parts.len() { rank(&piece[parts[i].0..parts[i + 3].0]) } else { Rank::MAX }
+            if i + 3 < parts.len() {
+                rank(&piece[parts[i].0..parts[i + 3].0])
+            } else {
+                Rank::MAX
+            }
         };
         loop {
             let mut min = (Rank::MAX, 0);
@@ -445,22 +479,41 @@ mod tests {
             parts[i].1 = get(&parts, i);
             parts.remove(i + 1);
         }
-        parts.windows(2).map(|w| rank(&piece[w[0].0..w[1].0])).collect()
+        parts
+            .windows(2)
+            .map(|w| rank(&piece[w[0].0..w[1].0]))
+            .collect()
     }
 
     #[test]
     fn small_and_large_merges_agree_with_tiktoken_rule() {
         let v = vocab_with(&[
-            b"aa", b"aaaa", b"ab", b"ba", b"aab", b"bb", b"abab", b"ba ", b" a", b"bab", b"a b",
-            b"aaaaaaaa", b" ab", b"b a",
+            b"aa",
+            b"aaaa",
+            b"ab",
+            b"ba",
+            b"aab",
+            b"bb",
+            b"abab",
+            b"ba ",
+            b" a",
+            b"bab",
+            b"a b",
+            b"aaaaaaaa",
+            b" ab",
+            b"b a",
         ]);
         let mut seed = 7u64;
         for _ in 0..3000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let n = 2 + (seed >> 33) as usize % 150;
             let piece: Vec<u8> = (0..n)
                 .map(|k| {
-                    let x = (seed.rotate_left(k as u32 % 64) ^ (k as u64).wrapping_mul(0x9E3779B97F4A7C15)) >> 13;
+                    let x = (seed.rotate_left(k as u32 % 64)
+                        ^ (k as u64).wrapping_mul(0x9E3779B97F4A7C15))
+                        >> 13;
                     [b'a', b'b', b' ', b'a'][(x % 4) as usize]
                 })
                 .collect();
@@ -495,15 +548,25 @@ mod tests {
         let sp = Splitter::new(DEFAULT_PATTERN).unwrap();
         let specials = Specials::new(
             &v,
-            vec![("<|a|>".into(), 1000), ("<|a|><|b|>".into(), 1001), ("<|b|>".into(), 1002)],
+            vec![
+                ("<|a|>".into(), 1000),
+                ("<|a|><|b|>".into(), 1001),
+                ("<|b|>".into(), 1002),
+            ],
         )
         .unwrap();
         let ids = specials.encode(&v, &sp, "ab<|a|><|b|>x<|b|><|a|>");
         assert_eq!(ids, vec![256, 1001, b'x' as Rank, 1002, 1000]);
         let back = v.decode_with(&specials, &ids).unwrap();
         assert_eq!(back, b"ab<|a|><|b|>x<|b|><|a|>");
-        assert_eq!(specials.encode(&v, &sp, "no specials"), v.encode(&sp, "no specials"));
-        assert!(Specials::new(&v, vec![("x".into(), 5)]).err().unwrap().contains("already"));
+        assert_eq!(
+            specials.encode(&v, &sp, "no specials"),
+            v.encode(&sp, "no specials")
+        );
+        assert!(Specials::new(&v, vec![("x".into(), 5)])
+            .err()
+            .unwrap()
+            .contains("already"));
         assert!(Specials::new(&v, vec![("x".into(), 900), ("y".into(), 900)]).is_err());
         assert!(Specials::new(&v, vec![("".into(), 900)]).is_err());
     }
@@ -513,7 +576,15 @@ mod tests {
         let v = vocab_with(&[b"he", b"ll", b"hell", b"o ", b"\n\n", b" w"]);
         let sp = Splitter::new(DEFAULT_PATTERN).unwrap();
         let mut text = String::new();
-        let lines = ["hello world\n", "\n", "  indented\n", "x\n\n\ty\r\n", "中文\n", "!!\n", "12\n"];
+        let lines = [
+            "hello world\n",
+            "\n",
+            "  indented\n",
+            "x\n\n\ty\r\n",
+            "中文\n",
+            "!!\n",
+            "12\n",
+        ];
         let mut i = 0usize;
         while text.len() < 3 * PARALLEL_MIN_BYTES {
             text.push_str(lines[i % lines.len()]);

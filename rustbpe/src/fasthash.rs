@@ -64,7 +64,16 @@ mod tests {
 
     #[test]
     fn short_keys_are_distinct() {
-        let keys = [&b""[..], b"\0", b"\0\0", b"a", b"a\0", b"ab", b"abcdefghijklmno", b"abcdefghijklmn"];
+        let keys = [
+            &b""[..],
+            b"\0",
+            b"\0\0",
+            b"a",
+            b"a\0",
+            b"ab",
+            b"abcdefghijklmno",
+            b"abcdefghijklmn",
+        ];
         let set: std::collections::HashSet<u128> = keys.iter().map(|k| short_key(k)).collect();
         assert_eq!(set.len(), keys.len());
     }

@@ -233,13 +233,19 @@ mod tests {
 
     fn regex_split(pattern: &str, text: &str) -> Vec<String> {
         let re = fancy_regex::Regex::new(pattern).unwrap();
-        re.find_iter(text).map(|m| m.unwrap().as_str().to_string()).collect()
+        re.find_iter(text)
+            .map(|m| m.unwrap().as_str().to_string())
+            .collect()
     }
 
     fn check(text: &str) {
         let fast = Splitter::new(DEFAULT_PATTERN).unwrap();
         assert!(matches!(fast, Splitter::Default));
-        let got: Vec<String> = fast.split_to_vec(text).iter().map(|s| s.to_string()).collect();
+        let got: Vec<String> = fast
+            .split_to_vec(text)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let want = regex_split(DEFAULT_PATTERN, text);
         assert_eq!(got, want, "text {text:?}");
     }
@@ -297,14 +303,106 @@ mod tests {
     }
 
     const ATOMS: &[&str] = &[
-        "a", "b", "Z", "s", "S", "t", "T", "d", "D", "m", "M", "l", "L", "v", "V", "e", "E",
-        "r", "R", "x", "ſ", "K", "k", "\u{212A}", "0", "1", "9", "٣", "५", "²", "Ⅻ", "５",
-        " ", " ", " ", "  ", "\t", "\n", "\r", "\r\n", "\u{B}", "\u{C}", "\u{85}", "\u{A0}",
-        "\u{3000}", "\u{2028}", "\u{2009}", "\u{200B}", "\u{FEFF}", "'", "'", "''", "\"",
-        ".", ",", "!", "?", "-", "(", ")", "_", "@", "#", "$", "%", "/", "\\", "中", "文",
-        "。", "，", "、", "「", "ア", "한", "é", "\u{301}", "\u{308}", "ß", "Ω", "😀", "👍🏽",
-        "\u{1F1FA}\u{1F1F8}", "𝐀", "𝟙", "\u{10400}", "\u{E000}", "\u{0}", "\u{7F}",
-        "'s", "'S", "'ll", "'LL", "'ve", "'Re", "'d", "'M", "'t", "hello", "World",
+        "a",
+        "b",
+        "Z",
+        "s",
+        "S",
+        "t",
+        "T",
+        "d",
+        "D",
+        "m",
+        "M",
+        "l",
+        "L",
+        "v",
+        "V",
+        "e",
+        "E",
+        "r",
+        "R",
+        "x",
+        "ſ",
+        "K",
+        "k",
+        "\u{212A}",
+        "0",
+        "1",
+        "9",
+        "٣",
+        "५",
+        "²",
+        "Ⅻ",
+        "５",
+        " ",
+        " ",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        "\u{B}",
+        "\u{C}",
+        "\u{85}",
+        "\u{A0}",
+        "\u{3000}",
+        "\u{2028}",
+        "\u{2009}",
+        "\u{200B}",
+        "\u{FEFF}",
+        "'",
+        "'",
+        "''",
+        "\"",
+        ".",
+        ",",
+        "!",
+        "?",
+        "-",
+        "(",
+        ")",
+        "_",
+        "@",
+        "#",
+        "$",
+        "%",
+        "/",
+        "\\",
+        "中",
+        "文",
+        "。",
+        "，",
+        "、",
+        "「",
+        "ア",
+        "한",
+        "é",
+        "\u{301}",
+        "\u{308}",
+        "ß",
+        "Ω",
+        "😀",
+        "👍🏽",
+        "\u{1F1FA}\u{1F1F8}",
+        "𝐀",
+        "𝟙",
+        "\u{10400}",
+        "\u{E000}",
+        "\u{0}",
+        "\u{7F}",
+        "'s",
+        "'S",
+        "'ll",
+        "'LL",
+        "'ve",
+        "'Re",
+        "'d",
+        "'M",
+        "'t",
+        "hello",
+        "World",
     ];
 
     fn random_text(rng: &mut Rng) -> String {

@@ -55,11 +55,12 @@ fn specials_from(dict: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Rank)>> {
         let s: String = k
             .extract()
             .map_err(|_| PyTypeError::new_err("special token names must be str"))?;
-        let id: i64 = val
-            .extract()
-            .map_err(|_| PyTypeError::new_err(format!("the id of special token {s:?} must be an int")))?;
-        let id = Rank::try_from(id)
-            .map_err(|_| PyValueError::new_err(format!("special token {s:?} has invalid id {id}")))?;
+        let id: i64 = val.extract().map_err(|_| {
+            PyTypeError::new_err(format!("the id of special token {s:?} must be an int"))
+        })?;
+        let id = Rank::try_from(id).map_err(|_| {
+            PyValueError::new_err(format!("special token {s:?} has invalid id {id}"))
+        })?;
         v.push((s, id));
     }
     Ok(v)
@@ -126,7 +127,9 @@ impl Tokenizer {
             )));
         }
         if buffer_size < 1 {
-            return Err(PyValueError::new_err(format!("buffer_size must be positive, got {buffer_size}")));
+            return Err(PyValueError::new_err(format!(
+                "buffer_size must be positive, got {buffer_size}"
+            )));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
@@ -139,13 +142,17 @@ impl Tokenizer {
         // iteration and copying overlap the counting instead of adding to it.
         let counts = std::thread::scope(|scope| -> PyResult<ChunkCounts> {
             let mut counts = ChunkCounts::default();
-            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<ChunkCounts, String>>> = None;
+            let mut pending: Option<
+                std::thread::ScopedJoinHandle<'_, Result<ChunkCounts, String>>,
+            > = None;
             loop {
                 let (batch, done) = pull_batch(&mut iter, &mut index, buffer_size as usize)?;
                 if let Some(h) = pending.take() {
                     counts = py
                         .detach(|| h.join())
-                        .map_err(|_| PyRuntimeError::new_err("rustbpe internal error: counting thread died"))?
+                        .map_err(|_| {
+                            PyRuntimeError::new_err("rustbpe internal error: counting thread died")
+                        })?
                         .map_err(PyRuntimeError::new_err)?;
                 }
                 if !batch.is_empty() {
@@ -161,7 +168,11 @@ impl Tokenizer {
                     if let Some(h) = pending.take() {
                         counts = py
                             .detach(|| h.join())
-                            .map_err(|_| PyRuntimeError::new_err("rustbpe internal error: counting thread died"))?
+                            .map_err(|_| {
+                                PyRuntimeError::new_err(
+                                    "rustbpe internal error: counting thread died",
+                                )
+                            })?
                             .map_err(PyRuntimeError::new_err)?;
                     }
                     return Ok(counts);
@@ -261,13 +272,16 @@ impl Tokenizer {
         let mut ranks = Vec::with_capacity(pairs.len());
         for (i, p) in pairs.iter().enumerate() {
             let (b, r): (Bound<'_, PyAny>, i64) = p.extract().map_err(|_| {
-                PyTypeError::new_err(format!("mergeable_ranks item {i} must be a (bytes, int) pair"))
+                PyTypeError::new_err(format!(
+                    "mergeable_ranks item {i} must be a (bytes, int) pair"
+                ))
             })?;
             let b = b.cast::<PyBytes>().map_err(|_| {
                 PyTypeError::new_err(format!("mergeable_ranks item {i}: token must be bytes"))
             })?;
-            let r = Rank::try_from(r)
-                .map_err(|_| PyValueError::new_err(format!("mergeable_ranks item {i}: invalid rank {r}")))?;
+            let r = Rank::try_from(r).map_err(|_| {
+                PyValueError::new_err(format!("mergeable_ranks item {i}: invalid rank {r}"))
+            })?;
             ranks.push((b.as_bytes().to_vec(), r));
         }
         let splitter = Splitter::new(pattern).map_err(PyValueError::new_err)?;
@@ -276,13 +290,18 @@ impl Tokenizer {
             Some(d) => Specials::new(&vocab, specials_from(d)?).map_err(PyValueError::new_err)?,
             None => Specials::default(),
         };
-        Ok(Tokenizer { pattern: pattern.to_string(), splitter, vocab, specials })
+        Ok(Tokenizer {
+            pattern: pattern.to_string(),
+            splitter,
+            vocab,
+            specials,
+        })
     }
 
     /// Replace the special tokens with {str: id}; ids must not be mergeable ranks.
     fn set_special_tokens(&mut self, special_tokens: &Bound<'_, PyDict>) -> PyResult<()> {
-        self.specials =
-            Specials::new(&self.vocab, specials_from(special_tokens)?).map_err(PyValueError::new_err)?;
+        self.specials = Specials::new(&self.vocab, specials_from(special_tokens)?)
+            .map_err(PyValueError::new_err)?;
         Ok(())
     }
 

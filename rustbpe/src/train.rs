@@ -22,7 +22,6 @@ use crate::pretokenize::Splitter;
 
 pub type Pair = (u32, u32);
 
-
 /// chunk -> number of occurrences.
 pub type ChunkCounts = AHashMap<Box<str>, u64>;
 
@@ -37,7 +36,11 @@ pub fn count_chunks(splitter: &Splitter, texts: &[String], counts: &mut ChunkCou
             m
         })
         .reduce(AHashMap::new, |mut a, b| {
-            let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
+            let (mut big, small) = if a.len() >= b.len() {
+                (a, b)
+            } else {
+                (b, std::mem::take(&mut a))
+            };
             for (k, v) in small {
                 *big.entry(k).or_insert(0) += v;
             }
@@ -113,7 +116,10 @@ impl PairIndex {
         let start = self.arena.len();
         self.arena.extend(words);
         let n = self.arena.len() - start;
-        assert!(self.arena.len() <= u32::MAX as usize, "pair index exceeds 2^32 entries");
+        assert!(
+            self.arena.len() <= u32::MAX as usize,
+            "pair index exceeds 2^32 entries"
+        );
         self.live += n;
         self.lists.insert(k, (start as u32, n as u32));
     }
@@ -138,7 +144,11 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
     learn_merges_with(counts, num_merges, PARALLEL_MIN_WORDS)
 }
 
-fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words: usize) -> Vec<Pair> {
+fn learn_merges_with(
+    counts: ChunkCounts,
+    num_merges: usize,
+    parallel_min_words: usize,
+) -> Vec<Pair> {
     // Word order follows the hash map and does not matter: pair counts are sums, and the
     // heap pops by (count, pair) whatever order entries were pushed in. Chunks of one byte
     // can never hold a pair: skip them.
@@ -149,12 +159,20 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
     let mut syms: Vec<u32> = Vec::with_capacity(total);
     let mut words: Vec<Word> = Vec::with_capacity(n);
     for (k, c) in counts.into_iter().filter(|(k, _)| k.len() > 1) {
-        words.push(Word { start: syms.len(), count: c as i64, len: k.len() as u32 });
+        words.push(Word {
+            start: syms.len(),
+            count: c as i64,
+            len: k.len() as u32,
+        });
         syms.extend(k.as_bytes().iter().map(|&b| b as u32));
     }
     log(&format!("{} words, {} symbols", words.len(), syms.len()));
     let (mut pair_counts, mut index) = index_pairs(&words, &syms);
-    log(&format!("{} words, {} pairs: indexed", words.len(), pair_counts.len()));
+    log(&format!(
+        "{} words, {} pairs: indexed",
+        words.len(),
+        pair_counts.len()
+    ));
 
     let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
         pair_counts.iter().map(|(&k, &c)| (c, Reverse(k))).collect();
@@ -166,7 +184,9 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
     let mut born: Vec<(u64, u32)> = Vec::new();
     let (mut visits, mut pops) = (0usize, 0usize);
     while merges.len() < num_merges {
-        let Some((c, Reverse(k))) = heap.pop() else { break };
+        let Some((c, Reverse(k))) = heap.pop() else {
+            break;
+        };
         pops += 1;
         let cur = pair_counts.get(&k).copied().unwrap_or(0);
         if cur != c {
@@ -184,7 +204,10 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
         let holders = index.take(k);
         visits += holders.len();
         let hs = &index.arena[holders];
-        let wp = WordsPtr { words: words.as_mut_ptr(), syms: syms.as_mut_ptr() };
+        let wp = WordsPtr {
+            words: words.as_mut_ptr(),
+            syms: syms.as_mut_ptr(),
+        };
         if hs.len() < parallel_min_words {
             // SAFETY: index lists hold distinct, valid word ids; only this thread runs.
             unsafe { visit_words(wp, hs, pair, new_id, &mut delta, &mut born) };
@@ -193,7 +216,7 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
             // the cores, each with its own changes, then fold them in list order (so
             // `born` stays sorted by word within each pair).
             let per = hs.len().div_ceil(rayon::current_num_threads() * 2);
-            let parts: Vec<(PairMap<i64>, Vec<(u64, u32)>)> = hs
+            let parts: Vec<Changes> = hs
                 .par_chunks(per)
                 .map(|part| {
                     let (mut d, mut bn) = (PairMap::default(), Vec::new());
@@ -239,7 +262,13 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
                 if c > 0 {
                     heap.push((c, Reverse(pk)));
                     let run = &born[i..j];
-                    index.push(pk, run.iter().enumerate().filter(|&(m, r)| m == 0 || run[m - 1].1 != r.1).map(|(_, r)| r.1));
+                    index.push(
+                        pk,
+                        run.iter()
+                            .enumerate()
+                            .filter(|&(m, r)| m == 0 || run[m - 1].1 != r.1)
+                            .map(|(_, r)| r.1),
+                    );
                 }
             }
             i = j;
@@ -260,6 +289,9 @@ fn learn_merges_with(counts: ChunkCounts, num_merges: usize, parallel_min_words:
     ));
     merges
 }
+
+/// One thread's share of a merge: pair-count deltas and (new pair, word) records.
+type Changes = (PairMap<i64>, Vec<(u64, u32)>);
 
 /// Below this many candidate words a merge is done on one thread.
 const PARALLEL_MIN_WORDS: usize = 4096;
@@ -349,11 +381,20 @@ fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
             *pair_counts.entry(k).or_insert(0) += c;
         }
     }
-    let mut index = PairIndex { arena: Vec::new(), lists: PairMap::default(), live: 0 };
+    let mut index = PairIndex {
+        arena: Vec::new(),
+        lists: PairMap::default(),
+        live: 0,
+    };
     let mut keys: Vec<u64> = pair_counts.keys().copied().collect();
     keys.sort_unstable();
     for k in keys {
-        index.push(k, partial.iter().flat_map(|(_, wh)| wh.get(&k).into_iter().flatten().copied()));
+        index.push(
+            k,
+            partial
+                .iter()
+                .flat_map(|(_, wh)| wh.get(&k).into_iter().flatten().copied()),
+        );
     }
     (pair_counts, index)
 }
@@ -362,7 +403,13 @@ fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
 /// with `new_id`, in place, reporting the pair-count changes (weighted by the word's
 /// `count`). Returns the word's new length.
 #[inline]
-fn merge_word(s: &mut [u32], pair: Pair, new_id: u32, count: i64, mut change: impl FnMut(Pair, i64)) -> usize {
+fn merge_word(
+    s: &mut [u32],
+    pair: Pair,
+    new_id: u32,
+    count: i64,
+    mut change: impl FnMut(Pair, i64),
+) -> usize {
     let (a, b) = pair;
     let n = s.len();
     let mut out = 0; // write cursor: s[..out] is the merged prefix
@@ -397,7 +444,9 @@ pub fn log(msg: &str) {
     use std::sync::OnceLock;
     use std::time::Instant;
     static START: OnceLock<Option<Instant>> = OnceLock::new();
-    if let Some(t0) = START.get_or_init(|| std::env::var_os("RUSTBPE_VERBOSE").map(|_| Instant::now())) {
+    if let Some(t0) =
+        START.get_or_init(|| std::env::var_os("RUSTBPE_VERBOSE").map(|_| Instant::now()))
+    {
         // CPU time of this thread too: wall time is noisy on a shared machine.
         let cpu = std::fs::read_to_string("/proc/thread-self/schedstat")
             .ok()
@@ -406,8 +455,13 @@ pub fn log(msg: &str) {
         let rss = std::fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map_or(String::new(), |pages| format!(" rss {:.0}MB", pages * 4096.0 / 1e6));
-        eprintln!("rustbpe [{:8.3}s{cpu}{rss}] {msg}", t0.elapsed().as_secs_f64());
+            .map_or(String::new(), |pages| {
+                format!(" rss {:.0}MB", pages * 4096.0 / 1e6)
+            });
+        eprintln!(
+            "rustbpe [{:8.3}s{cpu}{rss}] {msg}",
+            t0.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -430,7 +484,8 @@ mod tests {
                     *pc.entry((p[0], p[1])).or_insert(0) += c;
                 }
             }
-            let Some((&best, &bc)) = pc.iter().max_by(|x, y| x.1.cmp(y.1).then(y.0.cmp(x.0))) else {
+            let Some((&best, &bc)) = pc.iter().max_by(|x, y| x.1.cmp(y.1).then(y.0.cmp(x.0)))
+            else {
                 break;
             };
             if bc <= 0 {
@@ -487,9 +542,14 @@ mod tests {
 
     #[test]
     fn deterministic_across_thread_counts() {
-        let texts: Vec<String> = (0..300).map(|i| format!("word{} other{} the x{}", i % 17, i % 5, i % 3)).collect();
+        let texts: Vec<String> = (0..300)
+            .map(|i| format!("word{} other{} the x{}", i % 17, i % 5, i % 3))
+            .collect();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| {
                 let sp = Splitter::new(DEFAULT_PATTERN).unwrap();
                 let mut counts = ChunkCounts::default();
@@ -507,7 +567,16 @@ mod tests {
     #[test]
     fn parallel_merge_steps_equal_sequential() {
         let texts: Vec<String> = (0..3000u32)
-            .map(|i| format!("w{} x{}y q{}{} 中{}", i * 7919 % 1000, i % 37, i % 11, i % 13, i % 97))
+            .map(|i| {
+                format!(
+                    "w{} x{}y q{}{} 中{}",
+                    i * 7919 % 1000,
+                    i % 37,
+                    i % 11,
+                    i % 13,
+                    i % 97
+                )
+            })
             .collect();
         let sp = Splitter::new(DEFAULT_PATTERN).unwrap();
         let mut counts = ChunkCounts::default();
