@@ -126,6 +126,11 @@ impl Tokenizer {
                 "vocab_size must be at least 256 (the single bytes), got {vocab_size}"
             )));
         }
+        if vocab_size > 1 << 31 {
+            return Err(PyValueError::new_err(format!(
+                "vocab_size must be at most 2^31 (token ids are 32-bit), got {vocab_size}"
+            )));
+        }
         if buffer_size < 1 {
             return Err(PyValueError::new_err(format!(
                 "buffer_size must be positive, got {buffer_size}"

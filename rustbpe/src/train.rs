@@ -176,7 +176,7 @@ fn learn_merges_with(
 
     let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
         pair_counts.iter().map(|(&k, &c)| (c, Reverse(k))).collect();
-    let mut merges: Vec<Pair> = Vec::with_capacity(num_merges);
+    let mut merges: Vec<Pair> = Vec::with_capacity(num_merges.min(1 << 20));
     // Per-merge scratch. Pair-count changes accumulate in a small, cache-resident map, so
     // the big global map is touched once per distinct pair instead of once per
     // occurrence; (new pair, word) records are grouped into index lists afterwards.
