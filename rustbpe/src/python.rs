@@ -244,8 +244,9 @@ impl Tokenizer {
 
     /// Decode ids to str; invalid UTF-8 is replaced with U+FFFD (errors="replace").
     fn decode(&self, py: Python<'_>, ids: Vec<i64>) -> PyResult<String> {
-        let bytes = self.decode_ids(py, ids)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let ids: Vec<Rank> = ids.into_iter().map(id_from).collect::<PyResult<_>>()?;
+        py.detach(|| guarded(|| self.vocab.decode_lossy(&self.specials, &ids)))?
+            .map_err(|id| PyValueError::new_err(format!("unknown token id: {id}")))
     }
 
     /// Decode ids to raw bytes.
