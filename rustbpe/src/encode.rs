@@ -617,7 +617,10 @@ mod tests {
         let none = Specials::default();
         // A truncated 3-byte sequence, a lone continuation byte, 0xFF, then valid text.
         let ids = [0xE4, 0xB8, b'a' as Rank, 0x80, 0xFF, 256];
-        assert_eq!(v.decode_lossy(&none, &ids).unwrap(), "\u{FFFD}a\u{FFFD}\u{FFFD}中");
+        assert_eq!(
+            v.decode_lossy(&none, &ids).unwrap(),
+            "\u{FFFD}a\u{FFFD}\u{FFFD}中"
+        );
         assert_eq!(v.decode_lossy(&none, &[b'x' as Rank, 4242]), Err(4242));
     }
 

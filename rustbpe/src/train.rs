@@ -112,9 +112,14 @@ impl PairIndex {
         self.take(k);
     }
 
-    fn push(&mut self, k: u64, words: impl Iterator<Item = u32>) {
+    fn push(&mut self, k: u64, words: &[u32]) {
         let start = self.arena.len();
-        self.arena.extend(words);
+        // Grow by a quarter rather than doubling: the arena is the largest structure of
+        // the merge phase, and a large realloc is an mremap, not a copy.
+        if self.arena.capacity() - start < words.len() {
+            self.arena.reserve_exact(words.len().max(start / 4));
+        }
+        self.arena.extend_from_slice(words);
         let n = self.arena.len() - start;
         assert!(
             self.arena.len() <= u32::MAX as usize,
@@ -182,6 +187,7 @@ fn learn_merges_with(
     // occurrence; (new pair, word) records are grouped into index lists afterwards.
     let mut delta: PairMap<i64> = PairMap::default();
     let mut born: Vec<(u64, u32)> = Vec::new();
+    let mut scratch: Vec<u32> = Vec::new();
     let (mut visits, mut pops) = (0usize, 0usize);
     while merges.len() < num_merges {
         let Some((c, Reverse(k))) = heap.pop() else {
@@ -262,13 +268,10 @@ fn learn_merges_with(
                 if c > 0 {
                     heap.push((c, Reverse(pk)));
                     let run = &born[i..j];
-                    index.push(
-                        pk,
-                        run.iter()
-                            .enumerate()
-                            .filter(|&(m, r)| m == 0 || run[m - 1].1 != r.1)
-                            .map(|(_, r)| r.1),
-                    );
+                    scratch.clear();
+                    scratch.extend(run.iter().map(|r| r.1));
+                    scratch.dedup();
+                    index.push(pk, &scratch);
                 }
             }
             i = j;
@@ -387,14 +390,14 @@ fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
         live: 0,
     };
     let mut keys: Vec<u64> = pair_counts.keys().copied().collect();
+    let mut scratch: Vec<u32> = Vec::new();
     keys.sort_unstable();
     for k in keys {
-        index.push(
-            k,
-            partial
-                .iter()
-                .flat_map(|(_, wh)| wh.get(&k).into_iter().flatten().copied()),
-        );
+        scratch.clear();
+        for (_, wh) in &partial {
+            scratch.extend_from_slice(wh.get(&k).map_or(&[][..], |v| &v[..]));
+        }
+        index.push(k, &scratch);
     }
     (pair_counts, index)
 }
