@@ -1,0 +1,234 @@
+"""
+Tests of nanochat.engine: KV-cached generation against full recomputation, sampling
+(seed, top-k, top-p, repetition penalty), stop tokens, the calculator tool, the calculator.
+
+    nice -n 19 python -m pytest tests/test_engine.py -q
+
+Hermetic: a tiny random GPT, a byte-level stand-in tokenizer whose special ids lie outside
+the model's vocab (so random models never stop or call tools), a mock model that emits a
+fixed script, and one tiny rustbpe tokenizer trained in-process on a fixed string.
+"""
+import pytest
+import torch
+
+from nanochat.engine import FINISHED, Engine, apply_repetition_penalty, calculator, sample_next_token
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+
+PROMPT = [72, 101, 108, 108, 111, 32, 119]
+
+
+class ByteTokenizer:
+    """Bytes are ids 0..255; special tokens 1000+ (never produced by a 256-vocab model)."""
+
+    def encode_special(self, name):
+        return 1000 + SPECIAL_TOKENS.index(name)
+
+    def get_bos_token_id(self):
+        return self.encode_special("<|bos|>")
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def tiny_gpt(depth=2, vocab_size=256, seed=0):
+    """A random GPT whose attention and MLP matter (the default init zeroes the output
+    projections, which would make the cache irrelevant) and whose logits are spread out
+    (no near-ties for argmax to flip on rounding)."""
+    torch.manual_seed(seed)
+    model = GPT(config_from_depth(depth, vocab_size, sequence_len=64))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "wte" not in name:
+                torch.nn.init.normal_(p, std=p.size(1) ** -0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: thread-pool barriers cost more than they save, badly so on busy shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt()
+
+
+def uncached_generate(model, prompt, num_samples, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=42):
+    """The reference: recompute the full sequence every step, sample with the same helper and
+    an identically seeded generator."""
+    rng = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt] * num_samples)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(ids)[:, -1, :]
+            nxt = sample_next_token(logits, rng, temperature, top_k, top_p)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids[:, len(prompt):].tolist()
+
+
+# ----------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_kv_cached_greedy_equals_uncached(model, num_samples):
+    engine = Engine(model, ByteTokenizer())
+    results, masks = engine.generate_batch(PROMPT, num_samples=num_samples, max_tokens=24, temperature=0.0)
+    expected = uncached_generate(model, PROMPT, 1, 24)[0]
+    assert len(set(expected)) > 5, "degenerate reference: the test would not exercise the cache"
+    assert results == [expected] * num_samples
+    assert masks == [[1] * 24] * num_samples
+
+
+def test_kv_cached_sampling_equals_uncached(model):
+    # rows differ from the first sampled token on, so this checks the per-row cache copies
+    engine = Engine(model, ByteTokenizer())
+    results, _ = engine.generate_batch(PROMPT, num_samples=3, max_tokens=16, temperature=1.0, seed=7)
+    assert len({tuple(r) for r in results}) == 3
+    assert results == uncached_generate(model, PROMPT, 3, 16, temperature=1.0, seed=7)
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_seed_reproducible_and_seeds_differ(model):
+    engine = Engine(model, ByteTokenizer())
+    kw = dict(num_samples=2, max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    a, _ = engine.generate_batch(PROMPT, seed=1, **kw)
+    b, _ = engine.generate_batch(PROMPT, seed=1, **kw)
+    c, _ = engine.generate_batch(PROMPT, seed=2, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    engine = Engine(model, ByteTokenizer())
+    greedy, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=16, temperature=0.0)
+    k1, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=16, temperature=1.0, top_k=1, seed=3)
+    p0, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=16, temperature=1.0, top_p=1e-6, seed=3)
+    assert k1 == greedy and p0 == greedy
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    rng = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, rng, top_p=0.7).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+    draws = {sample_next_token(logits, rng, top_k=3).item() for _ in range(300)}
+    assert draws == {0, 1, 2}
+
+
+def test_repetition_penalty_hand_made():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_repetition_penalty_in_engine(model):
+    # a huge penalty drives every seen token's logit to <= ~0: greedy then avoids the prompt
+    # and its own output while unseen tokens with positive logits remain
+    engine = Engine(model, ByteTokenizer())
+    plain, _ = engine.generate_batch(PROMPT, max_tokens=16, temperature=0.0)
+    penalized, _ = engine.generate_batch(PROMPT, max_tokens=16, temperature=0.0, repetition_penalty=1e6)
+    assert penalized != plain
+    assert len(set(penalized[0])) == 16 and not set(penalized[0]) & set(PROMPT)
+
+
+# ----------------------------------------------------------------------------- mock model
+class ScriptedModel:
+    """Emits scripts[row][i] as the i-th generated token (position-based, so forced tokens
+    consume script entries). Uses a real KVCache so prefill/copy are exercised."""
+
+    def __init__(self, scripts, prompt_len, vocab_size):
+        self.scripts, self.prompt_len = scripts, prompt_len
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def __call__(self, ids, kv_cache):
+        B, T = ids.shape
+        kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
+        i = kv_cache.get_pos() - self.prompt_len  # index of the token to predict
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            script = self.scripts[min(b, len(self.scripts) - 1)]
+            logits[b, -1, script[min(i, len(script) - 1)]] = 10.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "The answer is 42. Let me compute 12 + 30 with the tool. hello world " * 40
+    return RustBPETokenizer.train_from_iterator([text], 320)
+
+
+def test_stop_on_assistant_end_and_bos(tok):
+    end, bos = tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()
+    a, b, c = tok.encode("abc")
+    scripts = [[a, b, end, c, c, c], [a, bos, c, c, c, c], [a, b, c, c, c, c]]
+    engine = Engine(ScriptedModel(scripts, 3, tok.get_vocab_size()), tok)
+    steps = list(engine.generate([a, b, c], num_samples=3, max_tokens=5, temperature=0.0))
+    assert [col for col, _ in steps] == [[a, a, a], [b, bos, b], [end, FINISHED, c],
+                                         [FINISHED, FINISHED, c], [FINISHED, FINISHED, c]]
+    assert [m for _, m in steps] == [[1, 1, 1], [1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1]]
+    results, _ = engine.generate_batch([a, b, c], num_samples=3, max_tokens=5, temperature=0.0)
+    assert results == [[a, b], [a], [a, b, c, c, c]]
+    # all samples finished: the generator ends before max_tokens
+    engine = Engine(ScriptedModel([scripts[0]], 3, tok.get_vocab_size()), tok)
+    assert [t for t, _ in engine.stream([a, b, c], max_tokens=50, temperature=0.0)] == [a, b, end]
+
+
+def test_tool_use_forces_calculator_output(tok):
+    sp = tok.encode_special
+    expr, tail = tok.encode("12 + 30"), tok.encode("The answer is 42.")
+    forced = [sp("<|output_start|>"), *tok.encode("42"), sp("<|output_end|>")]
+    filler = tok.encode("x")[0]
+    script = [sp("<|python_start|>"), *expr, sp("<|python_end|>"), *[filler] * len(forced), *tail,
+              sp("<|assistant_end|>")]
+    prompt = tok.render_for_completion({"conversations": [{"role": "user", "content": "What is 12 plus 30?"}]})
+    engine = Engine(ScriptedModel([script], len(prompt), tok.get_vocab_size()), tok)
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=100, temperature=0.0)
+    expected = [sp("<|python_start|>"), *expr, sp("<|python_end|>"), *forced, *tail]
+    assert results == [expected, expected]
+    n = len(expr) + 2
+    assert masks[0] == [1] * n + [0] * len(forced) + [1] * len(tail)
+    assert "<|output_start|>42<|output_end|>" in tok.decode(results[0]).replace(" ", "")
+
+
+def test_refused_tool_call_forces_nothing(tok):
+    sp = tok.encode_special
+    expr = tok.encode("hello")  # a name: refused
+    script = [sp("<|python_start|>"), *expr, sp("<|python_end|>"), sp("<|assistant_end|>")]
+    engine = Engine(ScriptedModel([script], 1, tok.get_vocab_size()), tok)
+    results, masks = engine.generate_batch([tok.get_bos_token_id()], max_tokens=20, temperature=0.0)
+    assert results == [script[:-1]] and masks == [[1] * len(script[:-1])]
+
+
+# ----------------------------------------------------------------------------- calculator
+@pytest.mark.parametrize("expr, expected", [
+    ("1+2", "3"), ("12 + 30", "42"), ("84 / 2", "42"), ("7 // 2", "3"), ("-7 % 3", "2"), ("2 ** 10", "1024"),
+    ("(3 + 4) * -2", "-14"), ("1 / 3", "0.333333333333"), ("2.5 * 4", "10"), ("+5 - 0.5", "4.5"),
+    ("'strawberry'.count('r')", "3"), ("'Hello'.upper()", "HELLO"), ("'Hello'.lower()", "hello"),
+    ("'  hi '.strip()", "hi"), ("'banana'.replace('a', 'o')", "bonono"), ("'a,b'.split(',')", "['a', 'b']"),
+    ("'banana'.find('n')", "2"), ("len('hello')", "5"), ("'ab' + 'cd'", "abcd"),
+])
+def test_calculator_computes(expr, expected):
+    assert calculator(expr) == expected
+
+
+@pytest.mark.parametrize("expr", [
+    "x", "x + 1", "__import__('os').system('true')", "import os", "().__class__", "().__class__.__bases__[0]",
+    "'a'.__class__", "(1).real", "open('f')", "print(1)", "eval('1')", "len", "'abc'[0]", "[1, 2]",
+    "lambda: 1", "(lambda: 1)()", "[c for c in 'abc']", "{1: 2}", "9 ** 9 ** 9", "2 ** 100000", "10 ** 1000 * 10 ** 1000",
+    "'a' * 10", "'%s' % 5", "1 / 0", "1e308 * 10", "(-8) ** 0.5", "len(5)", "'a'.count(x)", "'a'.format(1)",
+    "'a'.join(['b'])", "1 if 1 else 2", "1 < 2", "True + 1", "", "1 +", "'x'.upper(key=1)", "a := 1", "9" * 5000,
+])
+def test_calculator_refuses(expr):
+    assert calculator(expr) is None
