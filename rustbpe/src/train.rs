@@ -87,32 +87,54 @@ fn unkey(k: u64) -> Pair {
     ((k >> 32) as u32, k as u32)
 }
 
-/// The pair -> words index. Lists live back to back in one arena and the map holds
-/// (start, len) into it: a few bytes per pair instead of a heap-allocated Vec per pair,
-/// which matters because every merge creates many new (mostly rare) pairs. Removed lists
-/// leave holes that `compact` squeezes out once they are half the arena.
-struct PairIndex {
+/// What we keep per live pair: its count and its list of words (which may still hold
+/// it) in the arena.
+#[derive(Clone, Copy, Default)]
+struct PairInfo {
+    count: i64,
+    start: u32,
+    len: u32,
+}
+
+/// Pair counts plus the pair -> words index, in one map so each update is one lookup.
+/// Lists live back to back in one arena and the map holds (start, len) into it: a few
+/// bytes per pair instead of a heap-allocated Vec per pair, which matters because every
+/// merge creates many new (mostly rare) pairs. Removed lists leave holes that `compact`
+/// squeezes out once they are half the arena.
+struct Pairs {
+    map: PairMap<PairInfo>,
     arena: Vec<u32>,
-    lists: PairMap<(u32, u32)>,
     live: usize,
 }
 
-impl PairIndex {
+impl Pairs {
+    fn count(&self, k: u64) -> i64 {
+        self.map.get(&k).map_or(0, |p| p.count)
+    }
+
+    /// Forgets pair `k`, returning the arena range of its word list.
     fn take(&mut self, k: u64) -> std::ops::Range<usize> {
-        match self.lists.remove(&k) {
-            Some((s, n)) => {
-                self.live -= n as usize;
-                s as usize..(s + n) as usize
+        match self.map.remove(&k) {
+            Some(p) => {
+                self.live -= p.len as usize;
+                p.start as usize..(p.start + p.len) as usize
             }
             None => 0..0,
         }
     }
 
-    fn remove(&mut self, k: u64) {
-        self.take(k);
+    /// Adds `d` to the count of `k`; a pair whose count drops to zero is held by no word
+    /// any more, so it is forgotten at once (its heap entries are dropped when popped).
+    fn add(&mut self, k: u64, d: i64) {
+        let p = self.map.entry(k).or_default();
+        p.count += d;
+        if p.count == 0 {
+            self.take(k);
+        }
     }
 
-    fn push(&mut self, k: u64, words: &[u32]) {
+    /// Sets the word list of the (counted) pair `k`.
+    fn set_list(&mut self, k: u64, words: &[u32]) {
         let start = self.arena.len();
         // Grow by a quarter rather than doubling: the arena is the largest structure of
         // the merge phase, and a large realloc is an mremap, not a copy.
@@ -120,24 +142,25 @@ impl PairIndex {
             self.arena.reserve_exact(words.len().max(start / 4));
         }
         self.arena.extend_from_slice(words);
-        let n = self.arena.len() - start;
         assert!(
             self.arena.len() <= u32::MAX as usize,
             "pair index exceeds 2^32 entries"
         );
-        self.live += n;
-        self.lists.insert(k, (start as u32, n as u32));
+        let p = self.map.get_mut(&k).expect("set_list on a counted pair");
+        self.live += words.len() - p.len as usize;
+        p.start = start as u32;
+        p.len = words.len() as u32;
     }
 
     fn compact(&mut self) {
         if self.arena.len() < 1 << 20 || self.live * 2 > self.arena.len() {
             return;
         }
-        let mut arena = Vec::with_capacity(self.live * 3 / 2);
-        for (s, n) in self.lists.values_mut() {
+        let mut arena = Vec::with_capacity(self.live * 5 / 4);
+        for p in self.map.values_mut() {
             let start = arena.len() as u32;
-            arena.extend_from_slice(&self.arena[*s as usize..(*s + *n) as usize]);
-            *s = start;
+            arena.extend_from_slice(&self.arena[p.start as usize..(p.start + p.len) as usize]);
+            p.start = start;
         }
         self.arena = arena;
     }
@@ -172,15 +195,18 @@ fn learn_merges_with(
         syms.extend(k.as_bytes().iter().map(|&b| b as u32));
     }
     log(&format!("{} words, {} symbols", words.len(), syms.len()));
-    let (mut pair_counts, mut index) = index_pairs(&words, &syms);
+    let mut pairs = index_pairs(&words, &syms);
     log(&format!(
         "{} words, {} pairs: indexed",
         words.len(),
-        pair_counts.len()
+        pairs.map.len()
     ));
 
-    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
-        pair_counts.iter().map(|(&k, &c)| (c, Reverse(k))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> = pairs
+        .map
+        .iter()
+        .map(|(&k, p)| (p.count, Reverse(k)))
+        .collect();
     let mut merges: Vec<Pair> = Vec::with_capacity(num_merges.min(1 << 20));
     // Per-merge scratch. Pair-count changes accumulate in a small, cache-resident map, so
     // the big global map is touched once per distinct pair instead of once per
@@ -194,7 +220,7 @@ fn learn_merges_with(
             break;
         };
         pops += 1;
-        let cur = pair_counts.get(&k).copied().unwrap_or(0);
+        let cur = pairs.count(k);
         if cur != c {
             if cur > 0 {
                 heap.push((cur, Reverse(k)));
@@ -207,9 +233,9 @@ fn learn_merges_with(
 
         // Words may be listed though they no longer hold the pair; merging them is a
         // no-op. Lists are sorted, so the words are visited in memory order.
-        let holders = index.take(k);
+        let holders = pairs.take(k);
         visits += holders.len();
-        let hs = &index.arena[holders];
+        let hs = &pairs.arena[holders];
         let wp = WordsPtr {
             words: words.as_mut_ptr(),
             syms: syms.as_mut_ptr(),
@@ -239,19 +265,10 @@ fn learn_merges_with(
                 born.extend(bn);
             }
         }
-        pair_counts.remove(&k);
 
         for (pk, d) in delta.drain() {
-            if d == 0 {
-                continue;
-            }
-            let e = pair_counts.entry(pk).or_insert(0);
-            *e += d;
-            if *e == 0 {
-                // No word holds this pair any more: free it now (its heap entries are
-                // dropped when popped).
-                pair_counts.remove(&pk);
-                index.remove(pk);
+            if d != 0 {
+                pairs.add(pk, d);
             }
         }
         // Pairs with the new token are new: list their words and push each pair once
@@ -264,20 +281,18 @@ fn learn_merges_with(
             while j < born.len() && born[j].0 == pk {
                 j += 1;
             }
-            if let Some(&c) = pair_counts.get(&pk) {
-                if c > 0 {
-                    heap.push((c, Reverse(pk)));
-                    let run = &born[i..j];
-                    scratch.clear();
-                    scratch.extend(run.iter().map(|r| r.1));
-                    scratch.dedup();
-                    index.push(pk, &scratch);
-                }
+            let c = pairs.count(pk);
+            if c > 0 {
+                heap.push((c, Reverse(pk)));
+                scratch.clear();
+                scratch.extend(born[i..j].iter().map(|r| r.1));
+                scratch.dedup();
+                pairs.set_list(pk, &scratch);
             }
             i = j;
         }
         born.clear();
-        index.compact();
+        pairs.compact();
         if delta.capacity() > 1 << 16 {
             delta = PairMap::default();
             born = Vec::new();
@@ -286,9 +301,9 @@ fn learn_merges_with(
     log(&format!(
         "{} merges done ({visits} word visits, {pops} heap pops, {} pairs left, index {} / {})",
         merges.len(),
-        pair_counts.len(),
-        index.live,
-        index.arena.len()
+        pairs.map.len(),
+        pairs.live,
+        pairs.arena.len()
     ));
     merges
 }
@@ -353,11 +368,11 @@ unsafe fn visit_words(
 /// Counts every adjacent pair of every word (weighted by the word's count) and lists,
 /// for each pair, the words holding it, in parallel over word ranges. Ranges are merged
 /// in order, so each list is sorted and holds a word once.
-fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
+fn index_pairs(words: &[Word], syms: &[u32]) -> Pairs {
     let n_words = words.len();
     let n_ranges = rayon::current_num_threads().max(1) * 4;
     let step = n_words.div_ceil(n_ranges).max(1);
-    let partial: Vec<(PairMap<i64>, PairMap<Vec<u32>>)> = (0..n_words)
+    let mut partial: Vec<(PairMap<i64>, PairMap<Vec<u32>>)> = (0..n_words)
         .step_by(step)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -378,28 +393,31 @@ fn index_pairs(words: &[Word], syms: &[u32]) -> (PairMap<i64>, PairIndex) {
             (pc, wh)
         })
         .collect();
-    let mut pair_counts: PairMap<i64> = PairMap::default();
-    for (pc, _) in &partial {
-        for (&k, &c) in pc {
-            *pair_counts.entry(k).or_insert(0) += c;
-        }
-    }
-    let mut index = PairIndex {
+    let mut pairs = Pairs {
+        map: PairMap::default(),
         arena: Vec::new(),
-        lists: PairMap::default(),
         live: 0,
     };
-    let mut keys: Vec<u64> = pair_counts.keys().copied().collect();
-    let mut scratch: Vec<u32> = Vec::new();
+    for (pc, _) in &partial {
+        for (&k, &c) in pc {
+            pairs.map.entry(k).or_default().count += c;
+        }
+    }
+    let mut keys: Vec<u64> = pairs.map.keys().copied().collect();
     keys.sort_unstable();
+    let mut scratch: Vec<u32> = Vec::new();
     for k in keys {
         scratch.clear();
-        for (_, wh) in &partial {
-            scratch.extend_from_slice(wh.get(&k).map_or(&[][..], |v| &v[..]));
+        // Free each partial list as soon as it is copied: the largest are separate
+        // mmaps, so peak memory holds about one copy of the index, not two.
+        for (_, wh) in partial.iter_mut() {
+            if let Some(v) = wh.remove(&k) {
+                scratch.extend_from_slice(&v);
+            }
         }
-        index.push(k, &scratch);
+        pairs.set_list(k, &scratch);
     }
-    (pair_counts, index)
+    pairs
 }
 
 /// Replaces each occurrence of `pair` in the word `s` (left to right, non-overlapping)
