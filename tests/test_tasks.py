@@ -334,3 +334,13 @@ def test_preference_pairs(tmp_path, tokenizer):
         with pytest.raises(DataError) as e:
             PreferencePairs(path)
         assert str(e.value).startswith(path + ": ") and message in str(e.value), str(e.value)
+
+
+def test_tool_outputs_match_the_engines_calculator(words):
+    """The python_output in training data is what the engine's calculator prints at chat time."""
+    engine = pytest.importorskip("nanochat.engine")
+    for task in (Arithmetic(size=200), Spelling(size=200, words=words)):
+        for conv in task:
+            content = conv["conversations"][-1]["content"]
+            if isinstance(content, list):
+                assert engine.calculator(content[-3]["text"]) == content[-2]["text"], content
