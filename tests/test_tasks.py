@@ -14,7 +14,7 @@ import re
 import pytest
 
 from nanochat.dataset import DataError
-from nanochat.tasks import (Arithmetic, ChatterbotCorpus, ChitChat, Identity, JSONLConversations, MultipleChoice,
+from nanochat.tasks import (Arithmetic, ChatterbotCorpus, ChitChat, HHHAlignment, Identity, JSONLConversations, MultipleChoice,
                             PreferencePairs, Spelling, Subset, TaskMixture, TaskSequence, VerifiablePairs,
                             cached_package_archive, last_number)
 from nanochat.tasks.arithmetic import TEMPLATES_EN
@@ -344,3 +344,14 @@ def test_tool_outputs_match_the_engines_calculator(words):
             content = conv["conversations"][-1]["content"]
             if isinstance(content, list):
                 assert engine.calculator(content[-3]["text"]) == content[-2]["text"], content
+
+
+@pytest.mark.slow
+def test_hhh_alignment_pairs():
+    need_archive("bigbench", optional=True)
+    train, test = HHHAlignment("train"), HHHAlignment("test")
+    assert len(train) + len(test) >= 221 and len(test) > 20
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    pair = test.get(0)
+    assert pair["chosen"]["conversations"][0]["content"] == pair["prompt"] == pair["rejected"]["conversations"][0]["content"]
+    assert pair["chosen"]["conversations"][1]["content"] != pair["rejected"]["conversations"][1]["content"]

