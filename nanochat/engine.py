@@ -167,7 +167,10 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
+    # exponential race (argmax of p / Exp(1) noise): an exact sample of probs, much faster
+    # than torch.multinomial on CPU, and reproducible with the generator
+    noise = torch.empty_like(probs).exponential_(1.0, generator=rng)
+    return (probs / noise).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------- engine
