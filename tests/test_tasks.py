@@ -97,12 +97,16 @@ def test_last_number():
 
 # ----------------------------------------------------------------------------- generated tasks
 
-@pytest.mark.parametrize("make", [lambda w: Arithmetic(size=300), lambda w: Spelling(size=300, words=w),
-                                  lambda w: Identity(size=300)], ids=["arithmetic", "spelling", "identity"])
-def test_generated_deterministic_and_splits_disjoint(make, words):
-    task, again = make(words), make(words)
+@pytest.mark.parametrize("name", ["arithmetic", "spelling", "identity"])
+def test_generated_deterministic_and_splits_disjoint(name, request):
+    if name == "spelling":
+        words = request.getfixturevalue("words")
+        make = lambda split, size: Spelling(split, size=size, words=words)
+    else:
+        make = lambda split, size: {"arithmetic": Arithmetic, "identity": Identity}[name](split, size=size)
+    task, again = make("train", 300), make("train", 300)
     assert [task.get(i) for i in range(0, 300, 7)] == [again.get(i) for i in range(0, 300, 7)]
-    test = type(task)(split="test", size=200, **({"words": words} if isinstance(task, Spelling) else {}))
+    test = make("test", 200)
     train_prompts = {final_prompt(c) for c in task}
     test_prompts = {final_prompt(c) for c in test}
     assert len(test_prompts) > 1 and not train_prompts & test_prompts
