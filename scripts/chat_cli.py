@@ -1,0 +1,166 @@
+"""
+Talk to a chat model in the terminal, the reply streaming as it is generated.
+
+    python -m scripts.chat_cli                                   # newest of chatrl > chatdpo > chatsft > mid
+    python -m scripts.chat_cli -p "What is 12 plus 30?"          # answer once and exit
+    python -m scripts.chat_cli --checkpoint=chatsft_checkpoints/d4 -t 0.8 -k 50 --max_tokens=512
+
+In the chat: /clear starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the
+reply being written and keeps the session. Calculator calls show as [calc: 12+30 = 42].
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # also runnable as `python scripts/chat_cli.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import CheckpointError, build_model, describe_checkpoints, resolve_checkpoint
+from nanochat.common import autodetect_device_type, compute_dtype
+from nanochat.configurator import configure
+from nanochat.engine import Engine
+from nanochat.tokenizer import get_tokenizer
+
+# ----------------------------------------------------------------------------- defaults
+checkpoint = ""                # empty: the newest checkpoint of chatrl, else chatdpo, chatsft, mid
+prompt = ""                    # -p: answer this once and exit
+temperature = 0.6              # -t; 0: greedy
+top_k = 50                     # -k; 0: off
+top_p = 1.0                    # 1.0: off
+repetition_penalty = 1.0
+max_tokens = 256               # per reply
+seed = 42
+device_type = ""               # cuda | mps | cpu; empty: autodetect
+configure(globals(), aliases={"p": "prompt", "t": "temperature", "k": "top_k"})
+# -----------------------------------------------------------------------------
+
+
+def find_chat_checkpoint(arg):
+    """(dir, step) of the user's checkpoint, or of the newest chat-stage checkpoint."""
+    if arg:
+        return resolve_checkpoint(arg)
+    for stage in ("chatrl", "chatdpo", "chatsft", "mid"):
+        try:
+            return resolve_checkpoint(f"{stage}_checkpoints/latest")
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"no chat model yet: run scripts.mid_train (and scripts.chat_sft) first\n{describe_checkpoints()}")
+
+
+device_type = device_type or autodetect_device_type()
+device = torch.device("cuda" if device_type == "cuda" else device_type)
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+try:
+    checkpoint_dir, step = find_chat_checkpoint(checkpoint)
+    model, meta = build_model(checkpoint_dir, step, device, phase="eval")
+except CheckpointError as e:
+    sys.exit(f"chat_cli: {e}")
+tokenizer = get_tokenizer()
+engine = Engine(model, tokenizer)
+special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+bos, assistant_end = tokenizer.get_bos_token_id(), special["<|assistant_end|>"]
+max_context = 10 * model.config.sequence_len  # the rotary table's length
+
+
+class ReplyPrinter:
+    """Prints a reply's tokens as they come: text incrementally (decoding the growing token list,
+    so multi-byte characters print whole), a calculator call as [calc: expr = result]."""
+
+    def __init__(self):
+        self.text, self.printed = [], ""  # current text run and what of it is on screen
+        self.expr, self.output, self.mode = [], [], "text"
+
+    def _flush_text(self, final=False):
+        decoded = tokenizer.decode(self.text)
+        if not final:
+            decoded = decoded.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
+        print(decoded[len(self.printed):], end="", flush=True)
+        self.printed = decoded
+
+    def _end_call(self):
+        expr = tokenizer.decode(self.expr).strip()
+        result = tokenizer.decode(self.output).strip() if self.output else "?"
+        print(f"[calc: {expr} = {result}]", end="", flush=True)
+        self.expr, self.output, self.mode = [], [], "text"
+
+    def add(self, token):
+        if self.mode == "called" and token != special["<|output_start|>"]:
+            self._end_call()  # the calculator refused the expression: no output follows
+        if token == special["<|python_start|>"]:
+            self._flush_text(final=True)
+            self.text, self.printed, self.mode = [], "", "expr"
+        elif token == special["<|python_end|>"]:
+            self.mode = "called"
+        elif token == special["<|output_start|>"]:
+            self.mode = "output"
+        elif token == special["<|output_end|>"]:
+            self._end_call()
+        elif self.mode == "expr":
+            self.expr.append(token)
+        elif self.mode == "output":
+            self.output.append(token)
+        elif token not in (bos, assistant_end):
+            self.text.append(token)
+            self._flush_text()
+
+    def finish(self):
+        if self.mode != "text":
+            self._end_call()
+        self._flush_text(final=True)
+        print(flush=True)
+
+
+def reply(conversation):
+    """Generate the assistant's turn after `conversation` (token ids ending in <|assistant_start|>),
+    streaming it; returns the ids to append (always ending in <|assistant_end|>)."""
+    printer, generated = ReplyPrinter(), []
+    budget = min(max_tokens, max_context - len(conversation))
+    try:
+        with autocast:
+            for token, _ in engine.stream(conversation, max_tokens=budget, temperature=temperature,
+                                          top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
+                                          repetition_penalty=repetition_penalty, seed=seed + len(conversation)):
+                generated.append(token)
+                printer.add(token)
+    except KeyboardInterrupt:  # Ctrl-C stops this reply only
+        print(" [stopped]", end="")
+    printer.finish()
+    if generated and generated[-1] == bos:
+        generated.pop()
+    if not generated or generated[-1] != assistant_end:
+        generated.append(assistant_end)
+    return generated
+
+
+def user_turn(text):
+    return [special["<|user_start|>"], *tokenizer.encode(text), special["<|user_end|>"], special["<|assistant_start|>"]]
+
+
+if prompt:
+    reply([bos, *user_turn(prompt)])
+    sys.exit(0)
+
+print(f"nanochat ({os.path.relpath(checkpoint_dir)} step {step}) | /clear new conversation, /exit quit, "
+      "Ctrl-C stops a reply")
+conversation = [bos]
+while True:
+    try:
+        text = input("\nUser: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        break
+    if text in ("/exit", "/quit"):
+        break
+    if text == "/clear":
+        conversation = [bos]
+        print("(new conversation)")
+        continue
+    if not text:
+        continue
+    conversation += user_turn(text)
+    print("Assistant: ", end="", flush=True)
+    conversation += reply(conversation)
