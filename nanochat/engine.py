@@ -150,12 +150,12 @@ def apply_repetition_penalty(logits, seen, penalty):
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> ids (B,). temperature 0 = greedy (top_k/top_p then do not matter).
-    top_k keeps the k largest logits; top_p keeps the smallest set of most likely tokens whose
-    probability reaches top_p (always at least one)."""
+    top_k keeps the k largest logits (None or 0: all); top_p keeps the smallest set of most
+    likely tokens whose probability reaches top_p (None or 1: all; always at least one)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
