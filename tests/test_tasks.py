@@ -16,7 +16,7 @@ import pytest
 from nanochat.dataset import DataError
 from nanochat.tasks import (Arithmetic, ChatterbotCorpus, ChitChat, HHHAlignment, Identity, JSONLConversations, MultipleChoice,
                             PreferencePairs, Spelling, Subset, TaskMixture, TaskSequence, VerifiablePairs,
-                            cached_package_archive, last_number)
+                            cached_package_archive, last_assistant_text, last_number)
 from nanochat.tasks.arithmetic import TEMPLATES_EN
 from nanochat.tasks.identity import QUESTIONS_EN, QUESTIONS_ZH
 from nanochat.tasks.spelling import load_words
@@ -52,9 +52,7 @@ def final_prompt(conv):
     return [m["content"] for m in conv["conversations"] if m["role"] == "user"][-1]
 
 
-def gold_text(conv):
-    content = conv["conversations"][-1]["content"]
-    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+gold_text = last_assistant_text
 
 
 # ----------------------------------------------------------------------------- interface
@@ -91,7 +89,7 @@ def test_mixture_and_sequence():
 def test_last_number():
     assert last_number("<|python_start|>12+30<|python_end|><|output_start|>42<|output_end|>The answer is 42.") == "42"
     assert last_number("答案是 1,234。") == "1234"
-    assert last_number("It is -7.") == "-7" and last_number("30.0") == "30"
+    assert last_number("It is -7.") == "-7" and last_number("30.0") == "30" and last_number("12-30") == "30"
     assert last_number("no digits") is None
 
 

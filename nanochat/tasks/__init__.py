@@ -12,7 +12,7 @@ pairs, Apache-2.0, opt-in). User files: JSONLConversations, PreferencePairs. Mix
 TaskMixture, TaskSequence, Subset; DPO pairs from checkable tasks: VerifiablePairs.
 """
 from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs,
-                                   last_number, package_archive, cached_package_archive)
+                                   last_assistant_text, last_number, package_archive, cached_package_archive)
 from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.spelling import Spelling
 from nanochat.tasks.identity import Identity
@@ -22,7 +22,7 @@ from nanochat.tasks.multiple_choice import MultipleChoice
 from nanochat.tasks.jsonl import JSONLConversations, PreferencePairs
 from nanochat.tasks.hhh import HHHAlignment
 
-__all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_number",
+__all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_assistant_text", "last_number",
            "package_archive", "cached_package_archive", "Arithmetic", "Spelling", "Identity",
            "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs",
            "HHHAlignment"]

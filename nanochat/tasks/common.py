@@ -56,7 +56,7 @@ def is_test_item(key: str, every: int = 10) -> bool:
     return zlib.crc32(key.encode("utf-8")) % every == 0
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?:(?<![\w-])-)?\d[\d,]*(?:\.\d+)?")  # a '-' after a word or digit is not a sign
 
 
 def last_number(text: str) -> str | None:
