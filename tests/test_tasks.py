@@ -117,7 +117,7 @@ def safe_eval(expr):
 
 def test_arithmetic_answers_and_tool_calls():
     task = Arithmetic(size=600)
-    langs, ops = set(), set()
+    langs, ops, sizes = set(), set(), set()
     for conv in task:
         parts = conv["conversations"][1]["content"]
         kinds = [p["type"] for p in parts]
@@ -127,9 +127,12 @@ def test_arithmetic_answers_and_tool_calls():
         assert final in (f"The answer is {output}.", f"答案是 {output}。")
         assert task.evaluate(conv, gold_text(conv)) and task.reward(conv, gold_text(conv)) == 1.0
         assert not task.evaluate(conv, f"The answer is {int(output) + 1}.") and task.reward(conv, "no idea") == 0.0
+        a, op, b = re.fullmatch(r"(\d+)(\D+)(\d+)", expr).groups()
+        assert op != "//" or int(a) % int(b) == 0  # division is always exact
         langs.add("zh" if final.startswith("答案") else "en")
-        ops.add(re.sub(r"\d", "", expr))
-    assert langs == {"en", "zh"} and ops == {"+", "-", "*", "//"}
+        ops.add(op)
+        sizes.update((len(a), len(b)))
+    assert langs == {"en", "zh"} and ops == {"+", "-", "*", "//"} and {1, 2, 3, 4} <= sizes
     assert ("What is {a} plus {b}?", "+") in TEMPLATES_EN  # the CLI's "What is 12 plus 30?"
     hand = {"conversations": [{"role": "user", "content": "What is 12 plus 30?"}], "answer": "42"}
     assert task.evaluate(hand, "<|python_start|>12+30<|python_end|><|output_start|>42<|output_end|>The answer is 42.")
