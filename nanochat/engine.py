@@ -7,7 +7,8 @@
 
 The prompt is prefilled once with batch 1; its cache is copied to num_samples rows and
 every step decodes one token for all rows. Streaming: with num_samples=1, `generate` (or
-`stream`) yields each token as soon as it is chosen, so a CLI or web server prints as it goes.
+`stream`: (token, mask) pairs; `stream_text`: text pieces) yields each token as soon as it
+is chosen, so a CLI or web server prints as it goes.
 
 Conventions of `generate` (the contract other modules rely on):
 - each step yields (token_column, token_masks): one id and one mask per sample; mask 1 =
@@ -269,6 +270,22 @@ class Engine:
         """One sample, token by token: yields (token, mask); ends after the stop token."""
         for column, masks in self.generate(tokens, num_samples=1, **kwargs):
             yield column[0], masks[0]
+
+    def stream_text(self, tokens, **kwargs):
+        """One sample as text pieces, for printing as it goes (the stop token is not shown).
+        A character split across tokens is held back until its last byte arrives (at most
+        4 tokens, so invalid bytes still come out, as U+FFFD)."""
+        pending = []
+        for token, _ in self.stream(tokens, **kwargs):
+            if token in self.stop_ids:
+                break
+            pending.append(token)
+            text = self.tokenizer.decode(pending)
+            if not text.endswith("\ufffd") or len(pending) >= 4:
+                yield text
+                pending = []
+        if pending:
+            yield self.tokenizer.decode(pending)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Run `generate` to the end -> (results, masks): per sample the generated ids (without

@@ -232,3 +232,12 @@ def test_calculator_computes(expr, expected):
 ])
 def test_calculator_refuses(expr):
     assert calculator(expr) is None
+
+
+def test_stream_text_holds_back_split_characters():
+    # "é" is two bytes, i.e. two tokens of the byte tokenizer: never printed half
+    tok = ByteTokenizer()
+    script = [*tok.encode("aé€b"), tok.encode_special("<|assistant_end|>")]
+    engine = Engine(ScriptedModel([script], 1, 1100), tok)
+    pieces = list(engine.stream_text([1], max_tokens=50, temperature=0.0))
+    assert pieces == ["a", "é", "€", "b"]
