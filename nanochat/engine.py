@@ -171,6 +171,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     # exponential race (argmax of p / Exp(1) noise): an exact sample of probs, much faster
     # than torch.multinomial on CPU, and reproducible with the generator
     noise = torch.empty_like(probs).exponential_(1.0, generator=rng)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 draw would give 0/0 = nan for masked tokens
     return (probs / noise).argmax(dim=-1)
 
 
