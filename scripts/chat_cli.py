@@ -6,7 +6,7 @@ Talk to a chat model in the terminal, the reply streaming as it is generated.
     python -m scripts.chat_cli --checkpoint=chatsft_checkpoints/d4 -t 0.8 -k 50 --max_tokens=512
 
 In the chat: /clear starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the
-reply being written and keeps the session. Calculator calls show as [calc: 12+30 = 42].
+reply being written (at the prompt it just clears the line). Calculator calls show as [calc: 12+30 = 42].
 """
 import os
 import sys
@@ -114,12 +114,13 @@ class ReplyPrinter:
         print(flush=True)
 
 
-def reply(conversation):
+def reply(conversation, header=""):
     """Generate the assistant's turn after `conversation` (token ids ending in <|assistant_start|>),
-    streaming it; returns the ids to append (always ending in <|assistant_end|>)."""
+    streaming it after `header`; returns the ids to append (always ending in <|assistant_end|>)."""
     printer, generated = ReplyPrinter(), []
     budget = min(max_tokens, max_context - len(conversation))
     try:
+        print(header, end="", flush=True)
         with autocast:
             for token, _ in engine.stream(conversation, max_tokens=budget, temperature=temperature,
                                           top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
@@ -150,7 +151,10 @@ conversation = [bos]
 while True:
     try:
         text = input("\nUser: ").strip()
-    except (EOFError, KeyboardInterrupt):
+    except KeyboardInterrupt:  # a late Ctrl-C meant for the reply must not end the session
+        print("^C (/exit or Ctrl-D to quit)")
+        continue
+    except EOFError:
         print()
         break
     if text in ("/exit", "/quit"):
@@ -162,5 +166,4 @@ while True:
     if not text:
         continue
     conversation += user_turn(text)
-    print("Assistant: ", end="", flush=True)
-    conversation += reply(conversation)
+    conversation += reply(conversation, header="Assistant: ")

@@ -302,3 +302,28 @@ def test_mid_train_two_ranks_match_one_rank_with_double_accumulation(base_dir):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:  # same lanes, same per-token normalisation; only the summation order differs
         assert abs(a[step] - b[step]) < 1e-4 * max(1.0, a[step]), (step, a[step], b[step])
+
+
+def test_cli_ctrl_c_stops_the_reply_not_the_session(base_dir):
+    # the 2-step base model never says <|assistant_end|> greedily: its replies run to max_tokens
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--checkpoint=base_checkpoints/d1", "-t", "0",
+                             "--max_tokens=500"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        proc.stdin.write("hello\n")
+        proc.stdin.flush()
+        seen = ""
+        while not seen.endswith("Assistant: "):
+            ch = proc.stdout.read(1)
+            assert ch, seen[-2000:]
+            seen += ch
+        proc.send_signal(signal.SIGINT)  # mid-reply
+        proc.stdin.write("/clear\nhi\n/exit\n")
+        proc.stdin.flush()
+        out = seen + proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, out[-2000:]
+    finally:
+        proc.kill()
+    assert "[stopped]" in out
+    assert "(new conversation)" in out and out.count("Assistant: ") == 2  # the session went on
