@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (build_model, find_last_step, load_checkpoint, resolve_checkpoint,
+from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, resolve_checkpoint,
                                          save_checkpoint, stage_dir)
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
@@ -165,7 +165,10 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     wandb_run = init_wandb(o["run"], user_config, master, use_dummy_wandb=o["use_dummy_wandb"])
 
     # model: the source checkpoint, or this stage's newest checkpoint when resuming
-    source_dir, source_step = resolve_checkpoint(source, default_stage=source_stage)
+    try:
+        source_dir, source_step = resolve_checkpoint(source, default_stage=source_stage)
+    except CheckpointError as e:
+        raise SystemExit(f"{stage}: {e}") from None
     checkpoint_dir = os.path.join(stage_dir(stage), o["model_tag"] or os.path.basename(source_dir))
     resume_step = None
     if o["resume"]:
