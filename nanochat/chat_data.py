@@ -30,8 +30,8 @@ from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last
                                          save_checkpoint, stage_dir)
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, any_rank, clip_grad_norm, format_step_line,
-                               get_rng_state, lr_multiplier, muon_momentum, plot_loss_curve, set_rng_state,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+                               plot_loss_curve, restore_train_state, set_schedule, stop_reason, train_state,
                                write_json_atomic)
 
 
@@ -202,22 +202,15 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     for opt in optimizers:  # fine-tuning starts from a fraction of the pretraining learning rates
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * o["init_lr_frac"]
-    muon = optimizers[1]
 
     start_step, loader_states, val_loss = 0, None, None
     history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
     if resume_step is not None:
-        _, train_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
-        for opt, opt_state in zip(optimizers, train_state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        if train_state["num_lanes"] != world_size * grad_accum_steps:
-            raise SystemExit(f"resume: checkpoint was written with {train_state['num_lanes']} data lanes (ranks x "
-                             f"accum), this run has {world_size * grad_accum_steps}; keep the same batch layout")
-        loader_states = train_state["loader_states"]
-        set_rng_state(train_state["rng"])
+        _, saved_train_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+        loader_states = restore_train_state(saved_train_state, optimizers, world_size * grad_accum_steps)
         start_step, history, val_loss = meta["step"], meta["history"], meta.get("val_loss")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
-        del train_state
+        del saved_train_state
 
     num_lanes = world_size * grad_accum_steps
     train_loaders = [conversation_batches(train_task, tokenizer, B, T, device, lane=rank * grad_accum_steps + k,
@@ -228,13 +221,11 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
 
     def save(step):
         """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
-        train_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader_states": loader_states,
-                       "num_lanes": num_lanes, "rng": get_rng_state()}
         meta = {"step": step, "val_loss": val_loss, "model_config": model_config, "config": user_config,
                 "tokenizer_vocab_size": tokenizer.get_vocab_size(), "history": history,
                 "num_iterations": num_iterations, "source": f"{source_dir} step {source_step}"}
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state, meta, rank=rank,
-                        keep_last=o["keep_last"])
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, num_lanes),
+                        meta, rank=rank, keep_last=o["keep_last"])
         if master:
             write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
             plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
@@ -264,15 +255,13 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
             print0(f"step {step:05d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.3f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, "val/loss": val_loss, **{f"val/{k}": v for k, v in metrics.items()}})
 
-        stop_reason = graceful.reason() or memory_guard.check()
-        if any_rank(stop_reason, device):  # every rank stops at the same step, or the collectives hang
-            stop_reason = stop_reason or "another rank asked to stop"
-        if last_step or stop_reason or (o["save_every"] > 0 and step > start_step and step % o["save_every"] == 0):
+        stopping = stop_reason(graceful, memory_guard, device)
+        if last_step or stopping or (o["save_every"] > 0 and step > start_step and step % o["save_every"] == 0):
             save(step)
             print0(f"saved {checkpoint_dir} step {step}")
-        if last_step or stop_reason:
-            if stop_reason:
-                print0(f"stopping at step {step}: {stop_reason} (resume with --resume)")
+        if last_step or stopping:
+            if stopping:
+                print0(f"stopping at step {step}: {stopping} (resume with --resume)")
             break
 
         # one optimization step: grad_accum_steps micro-batches, each from its own data lane
@@ -285,11 +274,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
         if o["grad_clip"] > 0:
             clip_grad_norm(orig_model, optimizers, o["grad_clip"])
         lrm = lr_multiplier(step, num_iterations, o["warmup_ratio"], o["warmdown_ratio"], o["final_lr_frac"])
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
+        set_schedule(optimizers, lrm, step)
         for opt in optimizers:
             opt.step()
         orig_model.zero_grad(set_to_none=True)

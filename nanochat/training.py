@@ -154,6 +154,44 @@ def any_rank(flag, device=None):
 
 
 # -----------------------------------------------------------------------------
+# Pieces of every training loop
+
+def set_schedule(optimizers, lrm, step):
+    """lr = initial_lr * lrm for every group; the Muon optimizer (the last) gets its momentum warm-up."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in optimizers[-1].param_groups:
+        group["momentum"] = muon_momentum(step)
+
+
+def stop_reason(graceful, memory_guard, device=None):
+    """Why this rank (or another) wants to stop now, or None; all ranks agree, or the collectives hang."""
+    reason = graceful.reason() or memory_guard.check()
+    if any_rank(reason, device):
+        return reason or "another rank asked to stop"
+    return None
+
+
+def restore_train_state(train_state, optimizers, num_lanes):
+    """Load the optimizer states and RNG saved beside a checkpoint; returns the data lanes' positions.
+    The lanes (ranks x accumulation) must match, or the data order would silently change."""
+    for opt, opt_state in zip(optimizers, train_state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    if train_state["num_lanes"] != num_lanes:
+        raise SystemExit(f"resume: checkpoint was written with {train_state['num_lanes']} data lanes (ranks x accum), "
+                         f"this run has {num_lanes}; keep the same batch layout to resume")
+    set_rng_state(train_state["rng"])
+    return train_state["loader_states"]
+
+
+def train_state(optimizers, loader_states, num_lanes):
+    """What each rank saves beside the model: optimizer state, data position, RNG."""
+    return {"optimizers": [opt.state_dict() for opt in optimizers], "loader_states": loader_states,
+            "num_lanes": num_lanes, "rng": get_rng_state()}
+
+
+# -----------------------------------------------------------------------------
 # Gradient clipping on the global gradient
 
 def clip_grad_norm(model, optimizers, max_norm):

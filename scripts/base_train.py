@@ -28,8 +28,9 @@ from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, any_rank, clip_grad_norm, format_step_line, get_rng_state,
-                               lr_multiplier, muon_momentum, plot_loss_curve, set_rng_state, write_json_atomic)
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+                               plot_loss_curve, restore_train_state, set_schedule, stop_reason, train_state,
+                               write_json_atomic)
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -107,7 +108,6 @@ print0(f"batch: {total_batch_size:,} tokens = {device_batch_size} x {max_seq_len
 
 optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                          matrix_lr=matrix_lr, weight_decay=weight_decay)
-adamw, muon = optimizers
 
 # ----------------------------------------------------------------------------- resume
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag or f"d{depth}")
@@ -117,18 +117,12 @@ if resume or resume_from_step >= 0:
     if step_to_load is None:
         print0(f"resume: no checkpoint in {checkpoint_dir}, starting from scratch")
     else:
-        model_state, train_state, meta = load_checkpoint(checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+        model_state, saved_train_state, meta = load_checkpoint(checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
         orig_model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, train_state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        if train_state["num_lanes"] != world_size * grad_accum_steps:
-            raise SystemExit(f"resume: checkpoint was written with {train_state['num_lanes']} data lanes (ranks x accum), "
-                             f"this run has {world_size * grad_accum_steps}; keep the same batch layout to resume")
-        loader_states = train_state["loader_states"]
-        set_rng_state(train_state["rng"])
+        loader_states = restore_train_state(saved_train_state, optimizers, world_size * grad_accum_steps)
         start_step, history, val_bpb = meta["step"], meta["history"], meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
-        del model_state, train_state
+        del model_state, saved_train_state
 
 train_loaders = [data_loader(device_batch_size, max_seq_len, "train", tokenizer, device,
                              lane=rank * grad_accum_steps + k, num_lanes=world_size * grad_accum_steps,
@@ -140,11 +134,10 @@ eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size
 
 def save(step):
     """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
-    train_state = {"optimizers": [opt.state_dict() for opt in optimizers], "loader_states": loader_states,
-                   "num_lanes": world_size * grad_accum_steps, "rng": get_rng_state()}
     meta = {"step": step, "val_bpb": val_bpb, "model_config": model_config.__dict__, "config": user_config,
             "tokenizer_vocab_size": vocab_size, "history": history}
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state, meta, rank=rank, keep_last=keep_last)
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, world_size * grad_accum_steps),
+                    meta, rank=rank, keep_last=keep_last)
     if master:
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
         plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
@@ -190,15 +183,13 @@ while True:
         sample(["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                 "中国的首都是", "The opposite of hot is"])
 
-    stop_reason = graceful.reason() or memory_guard.check()
-    if any_rank(stop_reason, device):  # every rank stops at the same step, or the collectives hang
-        stop_reason = stop_reason or "another rank asked to stop"
-    if last_step or stop_reason or (save_every > 0 and step > start_step and step % save_every == 0):
+    stopping = stop_reason(graceful, memory_guard, device)
+    if last_step or stopping or (save_every > 0 and step > start_step and step % save_every == 0):
         save(step)
         print0(f"saved {checkpoint_dir} step {step}")
-    if last_step or stop_reason:
-        if stop_reason:
-            print0(f"stopping at step {step}: {stop_reason} (resume with --resume)")
+    if last_step or stopping:
+        if stopping:
+            print0(f"stopping at step {step}: {stopping} (resume with --resume)")
         break
 
     # one optimization step: grad_accum_steps micro-batches, each from its own data lane
@@ -213,11 +204,7 @@ while True:
     if grad_clip > 0:  # on the global (rank-averaged) gradient, so DDP and accumulation agree
         clip_grad_norm(orig_model, optimizers, grad_clip)
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
+    set_schedule(optimizers, lrm, step)
     for opt in optimizers:
         opt.step()
     orig_model.zero_grad(set_to_none=True)

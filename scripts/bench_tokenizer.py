@@ -291,7 +291,7 @@ for name, r in results.items():
     train_col = f"{r['train_s']:>9.1f}{r['train_s'] / me['train_s']:>12.2f}x" if r["train_s"] else f"{'-':>9}{'-':>13}"
     print(f"{name:<22}{train_col}{r['single_mbs']:>13.1f}{me['single_mbs'] / r['single_mbs']:>7.2f}x"
           f"{r['batch_mbs']:>12.1f}{me['batch_mbs'] / r['batch_mbs']:>7.2f}x")
-print(f"\n'ours faster' = peer's training time / ours; 'ours x' = our throughput / peer's (> 1: ours is faster).")
+print("\n'ours faster' = peer's training time / ours; 'ours x' = our throughput / peer's (> 1: ours is faster).")
 print(f"single = one {single_bytes / 1e6:.1f} MB string; batch = {len(docs):,} documents, {n_bytes / 1e6:.1f} MB.")
 print(f"peak RSS of our training on {rss['bytes'] / 1e6:.1f} MB streamed from the shards: {rss['peak_rss_mb']:.0f} MB "
       f"(VmHWM of a child process; {rss['rss_before_mb']:.0f} MB before training)")

@@ -31,7 +31,7 @@ from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import lr_multiplier, muon_momentum
+from nanochat.training import lr_multiplier, set_schedule
 
 # ----------------------------------------------------------------------------- defaults
 device_type = ""
@@ -111,7 +111,7 @@ def train(name, model, step_fn, train_batches, val_batches_fn, token_bytes, toke
             break
         x, y, _ = next(train_batches)
         t0 = time.time()
-        loss = step_fn(step, x, y)
+        step_fn(step, x, y)
         dt = time.time() - t0
         train_seconds += dt
         if step >= 5:  # skip warm-up (allocator, compile)
@@ -157,12 +157,7 @@ def ours_step(step, x, y):
     with autocast:
         loss = ours_forward(x, y)
     loss.backward()
-    lrm = lr_multiplier(step, num_steps, 0.0, 0.4, 0.0)
-    for opt in ours_optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in ours_optimizers[1].param_groups:
-        group["momentum"] = muon_momentum(step)
+    set_schedule(ours_optimizers, lr_multiplier(step, num_steps, 0.0, 0.4, 0.0), step)
     for opt in ours_optimizers:
         opt.step()
     ours.zero_grad(set_to_none=True)

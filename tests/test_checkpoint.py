@@ -1,8 +1,6 @@
 """Tests for nanochat/checkpoint_manager.py. Run: python -m pytest tests/test_checkpoint.py -q"""
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap

@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-from nanochat import common
 from nanochat.common import (DummyWandb, atomic_open, autodetect_device_type, compute_dtype, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, is_ddp, peak_flops_from_name,
                              print0, seed_everything)

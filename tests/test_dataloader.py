@@ -2,7 +2,6 @@
 The pretraining loader: packing, lanes (DDP == accumulation), exact resume.
 Run: python -m pytest tests/test_dataloader.py -q
 """
-import itertools
 import random
 
 import pyarrow as pa
