@@ -31,7 +31,7 @@ from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
-                               plot_loss_curve, restore_train_state, set_schedule, stop_reason, train_state,
+                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
 
@@ -231,6 +231,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
             plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
                             f"{stage}: train loss", val_steps=history["val_step"], val_values=history["val_loss"],
                             val_label="val loss")
+        print0(f"saved {checkpoint_dir} step {step}")
 
     graceful = GracefulExit()
     memory_guard = MemoryGuard(o["max_memory_frac"])
@@ -255,13 +256,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
             print0(f"step {step:05d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.3f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, "val/loss": val_loss, **{f"val/{k}": v for k, v in metrics.items()}})
 
-        stopping = stop_reason(graceful, memory_guard, device)
-        if last_step or stopping or (o["save_every"] > 0 and step > start_step and step % o["save_every"] == 0):
-            save(step)
-            print0(f"saved {checkpoint_dir} step {step}")
-        if last_step or stopping:
-            if stopping:
-                print0(f"stopping at step {step}: {stopping} (resume with --resume)")
+        if save_or_stop(step, last_step, start_step, o["save_every"], graceful, memory_guard, device, save):
             break
 
         # one optimization step: grad_accum_steps micro-batches, each from its own data lane

@@ -173,6 +173,17 @@ def stop_reason(graceful, memory_guard, device=None):
     return None
 
 
+def save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+    """Call save(step) at the end, every save_every steps and when asked to stop (Ctrl-C, SIGTERM,
+    memory); returns True when the loop should end."""
+    stopping = stop_reason(graceful, memory_guard, device)
+    if last_step or stopping or (save_every > 0 and step > start_step and step % save_every == 0):
+        save(step)
+    if stopping:
+        print0(f"stopping at step {step}: {stopping} (resume with --resume)")
+    return last_step or bool(stopping)
+
+
 def restore_train_state(train_state, optimizers, num_lanes):
     """Load the optimizer states and RNG saved beside a checkpoint; returns the data lanes' positions.
     The lanes (ranks x accumulation) must match, or the data order would silently change."""

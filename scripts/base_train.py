@@ -29,7 +29,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
-                               plot_loss_curve, restore_train_state, set_schedule, stop_reason, train_state,
+                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
 # ----------------------------------------------------------------------------- defaults
@@ -142,6 +142,7 @@ def save(step):
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
         plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
                         f"base d{depth}: train loss", val_steps=history["val_step"], val_values=history["val_bpb"])
+    print0(f"saved {checkpoint_dir} step {step}")
 
 
 def sample(prompts, max_new_tokens=24):
@@ -183,13 +184,7 @@ while True:
         sample(["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                 "中国的首都是", "The opposite of hot is"])
 
-    stopping = stop_reason(graceful, memory_guard, device)
-    if last_step or stopping or (save_every > 0 and step > start_step and step % save_every == 0):
-        save(step)
-        print0(f"saved {checkpoint_dir} step {step}")
-    if last_step or stopping:
-        if stopping:
-            print0(f"stopping at step {step}: {stopping} (resume with --resume)")
+    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
         break
 
     # one optimization step: grad_accum_steps micro-batches, each from its own data lane
