@@ -237,6 +237,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     memory_guard = MemoryGuard(o["max_memory_frac"])
     eta = ETA(total_steps=num_iterations, start_step=start_step)
     peak_flops = get_peak_flops(device)
+    flops_per_token = orig_model.estimate_flops()
     t_start = time.time()
     step = start_step
     while True:
@@ -278,7 +279,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
         step += 1
 
         tok_per_sec = rows_per_step * T / dt
-        mfu = orig_model.estimate_flops() * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+        mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
         history["step"].append(step)
         history["loss"].append(loss_value)
         print0(format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta))
