@@ -28,7 +28,7 @@ def test_sections_summary_plots_and_timings(rdir, tmp_path):
                        table="| task | acc |\n|---|---|\n| arithmetic | 0.9 |")
     report.log_section("Base eval", stage="BASE", summary={"CORE": 0.05})
     report.log_section("Base training", metrics={"val bpb": 1.98}, stage="BASE", summary={"val bpb": 1.98},
-                       plots=[str(png)])  # a re-run replaces its section
+                       plots=[str(png)], config={"depth": 4, "obj": object()})  # a re-run replaces its section
     report.record_stage("base_train", "done", 600, "logs/base_train.log")
     report.record_stage("chat_sft", "done", 300)
 
@@ -44,7 +44,7 @@ def test_sections_summary_plots_and_timings(rdir, tmp_path):
     assert "![Base training: base-training-loss.png](report_plots/base-training-loss.png)" in text
     assert (out.parent / "report_plots" / "base-training-loss.png").exists()
     assert (out.parent / "report_plots" / "summary-metrics.png").exists()
-    assert "| base_train | done | 10.0 | logs/base_train.log |" in text
+    assert "| base_train | done | 10.0000 | logs/base_train.log |" in text
     assert "wall time**: 15.0 min" in text and "cost estimate" in text
     assert "`depth=4`" in text and "obj" not in text  # objects are not dumped into the report
     assert "commit" in text and "torch" in text
