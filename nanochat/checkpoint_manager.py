@@ -402,3 +402,44 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         raise CheckpointError(f"{meta['checkpoint_file']}: weights do not fit the model_config: {e}") from None
     model.train(phase == "train")
     return model, meta
+
+
+# -----------------------------------------------------------------------------
+# `python -m nanochat.checkpoint_manager check ARG --stage=base`: is this checkpoint usable?
+
+def check_usable(arg, stage, tokenizer):
+    """Resolve arg, verify every file's checksum, build the model on CPU and compare its vocab (and
+    the tokenizer hash, where the checkpoint recorded one) with `tokenizer`. Returns the path of
+    the model file; raises CheckpointError saying what is wrong."""
+    checkpoint_dir, step = resolve_checkpoint(arg, default_stage=stage)
+    model, meta = build_model(checkpoint_dir, step, "cpu")
+    del model
+    from nanochat.tokenizer import tokenizer_fingerprint
+    check_compatible(meta, {"vocab_size": tokenizer.get_vocab_size()},
+                     tokenizer_fingerprint(tokenizer) if meta.get("tokenizer_hash") else None)
+    return model_path(checkpoint_dir, step)
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Check that a checkpoint loads and matches the tokenizer; "
+                                                 "prints its model file (exit 0) or why not (exit 1).")
+    parser.add_argument("command", choices=["check", "list"])
+    parser.add_argument("checkpoint", nargs="?", default="latest")
+    parser.add_argument("--stage", default="base", choices=STAGES)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print(describe_checkpoints())
+        return 0
+    from nanochat.tokenizer import get_tokenizer
+    try:
+        print(check_usable(args.checkpoint, args.stage, get_tokenizer()))
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"checkpoint {args.checkpoint!r} is not usable: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -418,6 +418,18 @@ def _load_directory(path):
 
 
 # -------------------------------------------------------------------- convenience
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the split pattern, every mergeable token's bytes in rank order and the special
+    tokens: two tokenizers with the same fingerprint map text to the same ids. Checkpoints record
+    it so a model is never paired with another tokenizer of the same vocab size."""
+    h = hashlib.sha256()
+    h.update(tokenizer.get_pattern().encode("utf-8") + b"\0")
+    for token, _ in tokenizer.get_mergeable_ranks():
+        h.update(len(token).to_bytes(4, "little") + token)
+    h.update("\0".join(tokenizer.get_special_tokens()).encode("utf-8"))
+    return h.hexdigest()
+
+
 def get_tokenizer() -> RustBPETokenizer:
     """The tokenizer trained by scripts.tok_train, from <base>/tokenizer/."""
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))

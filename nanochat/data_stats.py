@@ -1,0 +1,123 @@
+"""
+What a training run actually trained on, per source: documents, tokens, how many of them the
+run samples, and the val fraction. Every training script writes dataset_stats.json beside its
+config snapshot (config.json in the checkpoint directory), so a checkpoint says what it saw.
+
+Pretraining (corpus_stats): per `source` column of the parquet shards. Tokens are counted by
+tokenizing the train split up to `max_chars` characters and extrapolating with each source's
+bytes per token beyond that (marked "estimated"). Sampled documents = documents x epochs, the
+epochs of the run being the tokens it trains on / the train tokens (the shards are shuffled
+across sources, so every source is sampled at the same rate).
+
+Fine-tuning (task_stats): per task of the mixture. A TaskMixture is one shuffle of all its
+tasks' examples, so a run that takes N examples samples each task in proportion to its size.
+"""
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from nanochat.dataset import list_parquet_files
+
+MAX_CHARS = 50_000_000  # tokenize at most this much text per run start (seconds); extrapolate beyond
+
+
+def corpus_stats(data_dir, tokenizer, tokens_to_train, max_chars=MAX_CHARS):
+    """{source: {...}, "_run": {...}} for the parquet corpus in data_dir (default <base>/base_data)."""
+    per_source, budget = {}, max_chars
+    for split in ("train", "val"):
+        for path in list_parquet_files(split, data_dir=data_dir):
+            table = pq.read_table(path, columns=["text", "source"])
+            texts, sources = table.column("text").to_pylist(), table.column("source").to_pylist()
+            counted = set()
+            if split == "train" and budget > 0:  # exact token counts for the first max_chars characters
+                take = []
+                for i, text in enumerate(texts):
+                    if budget <= 0:
+                        break
+                    take.append(i)
+                    budget -= len(text)
+                for i, ids in zip(take, tokenizer.encode([texts[i] for i in take])):
+                    s = per_source.setdefault(sources[i], _empty())
+                    s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
+                    s["counted_bytes"] += len(texts[i].encode("utf-8"))
+                counted = set(take)
+            for i, (text, source) in enumerate(zip(texts, sources)):
+                s = per_source.setdefault(source, _empty())
+                s[f"{split}_docs"] += 1
+                if split == "train":
+                    s["train_bytes"] += len(text.encode("utf-8")) if i not in counted else 0
+    return _finish_corpus(per_source, tokens_to_train)
+
+
+def _empty():
+    return {"train_docs": 0, "val_docs": 0, "counted_tokens": 0, "counted_bytes": 0, "train_bytes": 0}
+
+
+def _finish_corpus(per_source, tokens_to_train):
+    total_counted = sum(s["counted_tokens"] for s in per_source.values())
+    total_bytes = sum(s["counted_bytes"] for s in per_source.values())
+    default_bpt = total_bytes / total_counted if total_counted else 4.0
+    out, train_tokens = {}, 0
+    for source, s in sorted(per_source.items()):
+        bpt = s["counted_bytes"] / s["counted_tokens"] if s["counted_tokens"] else default_bpt
+        tokens = s["counted_tokens"] + round(s["train_bytes"] / bpt)  # uncounted bytes -> tokens at this source's rate
+        train_tokens += tokens
+        docs = s["train_docs"] + s["val_docs"]
+        out[source] = {"documents": docs, "train_docs": s["train_docs"], "train_tokens": tokens,
+                       "tokens_estimated": s["train_bytes"] > 0, "bytes_per_token": round(bpt, 3),
+                       "val_fraction": round(s["val_docs"] / docs, 4) if docs else 0.0}
+    epochs = tokens_to_train / train_tokens if train_tokens else 0.0
+    for s in out.values():
+        s["sampled_docs"] = round(s["train_docs"] * epochs)
+        s["sampled_tokens"] = round(s["train_tokens"] * epochs)
+    out["_run"] = {"train_tokens": train_tokens, "tokens_to_train": tokens_to_train, "epochs": round(epochs, 4)}
+    return out
+
+
+def task_name(task):
+    return getattr(task, "name", None) or type(task).__name__
+
+
+def task_stats(train_task, val_task, tokenizer, examples_to_train, sample=64):
+    """{task: {...}, "_run": {...}} for the tasks of a TaskMixture (or a single task)."""
+    train_parts = getattr(train_task, "tasks", [train_task])
+    val_parts = {task_name(t): len(t) for t in getattr(val_task, "tasks", [val_task])} if val_task is not None else {}
+    total = sum(len(t) for t in train_parts) or 1
+    out = {}
+    for task in train_parts:
+        name, n = task_name(task), len(task)
+        step = max(1, n // sample)  # mean rendered length from an even sample of the task
+        lengths = [len(tokenizer.render_conversation(task.get(i))[0]) for i in range(0, n, step)][:sample]
+        mean_len = sum(lengths) / len(lengths) if lengths else 0.0
+        n_val = val_parts.get(name, 0)
+        entry = out.setdefault(name, {"documents": 0, "tokens": 0, "sampled_docs": 0, "val_docs": 0})
+        entry["documents"] += n  # a task listed twice (upweighted) adds up
+        entry["tokens"] += round(mean_len * n)
+        entry["tokens_estimated"] = len(lengths) < n
+        entry["sampled_docs"] += round(examples_to_train * n / total)
+        entry["val_docs"] = n_val
+        entry["val_fraction"] = round(n_val / (entry["documents"] + n_val), 4) if entry["documents"] + n_val else 0.0
+    out["_run"] = {"train_examples": total, "examples_to_train": examples_to_train,
+                   "epochs": round(examples_to_train / total, 4)}
+    return out
+
+
+def write_stats(checkpoint_dir, stats):
+    """dataset_stats.json beside config.json, written atomically."""
+    from nanochat.common import atomic_open
+    with atomic_open(os.path.join(checkpoint_dir, "dataset_stats.json"), "w") as f:
+        json.dump(stats, f, indent=2, ensure_ascii=False)
+
+
+def format_stats(stats):
+    """A short table for the log."""
+    rows = [f"{'source':<24} {'docs':>9} {'tokens':>12} {'sampled':>9} {'val frac':>8}"]
+    for name, s in stats.items():
+        if name == "_run":
+            continue
+        tokens = s.get("train_tokens", s.get("tokens", 0))
+        rows.append(f"{name:<24} {s['documents']:>9,} {tokens:>12,}{'~' if s.get('tokens_estimated') else ' '}"
+                    f"{s['sampled_docs']:>8,} {s['val_fraction']:>8.3f}")
+    rows.append(f"epochs this run: {stats['_run']['epochs']:.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# The whole pipeline on whatever this machine has: venv + install (builds rustbpe), offline data,
+# tokenizer, pretraining, base evals (bpb, CORE), mid-training, SFT, DPO, RL, chat evals, report.md.
+# Every stage logs to <base>/speedrun/<mode>/logs/<stage>.log and leaves a marker when it finishes;
+# re-running skips finished stages and resumes the interrupted one from its last checkpoint.
+usage() {
+  cat <<'EOF'
+usage: bash speedrun.sh [--smoke-test] [--skip-pretrain] [--force-pretrain] [--fresh] [-h|--help]
+
+  (no option)        GPUs: torchrun with configs/d20.py; one GPU: the same without torchrun;
+                     CPU: configs/cpu.py and friends (tens of minutes on 2 cores)
+  --smoke-test       CPU, a tiny subset (pretrain 64 docs per source, SFT 16, DPO 8), a few steps per
+                     stage, 8 eval samples: the whole pipeline in minutes. Uses <base>/smoke as its
+                     base dir, so it never touches a real run's tokenizer or checkpoints.
+  --skip-pretrain    reuse the newest valid base checkpoint (or $NANOCHAT_PRETRAINED_PATH) once it
+                     loads and matches the tokenizer; if none is valid, say so and train
+  --force-pretrain   pretrain even if a checkpoint exists (overrides --skip-pretrain)
+  --fresh            forget finished stages and train every stage from the start (old checkpoints are
+                     only replaced as the new ones are saved)
+  -h, --help         this text
+
+environment:
+  NANOCHAT_BASE_DIR          data, tokenizer, checkpoints, logs, report (default ~/.cache/nanochat)
+  PRETRAIN_JSON              your pretraining text: .jsonl {"text": ...} (or .parquet/.txt), comma-separated
+  SFT_JSON                   your conversations (MiniMind JSONL) added to SFT
+  DPO_JSON                   your preference pairs {"prompt", "chosen", "rejected"} for DPO
+  USE_MOE=true               pretrain a mixture-of-experts model
+  DEPTH                      model depth (overrides the config's)
+  WANDB_RUN                  wandb run name (default: no wandb)
+  NANOCHAT_PRETRAINED_PATH   a base checkpoint for --skip-pretrain
+EOF
+}
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SMOKE=0; SKIP_PRETRAIN=0; FORCE_PRETRAIN=0; FRESH=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke-test) SMOKE=1 ;;
+    --skip-pretrain) SKIP_PRETRAIN=1 ;;
+    --force-pretrain) FORCE_PRETRAIN=1 ;;
+    --fresh) FRESH=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "speedrun.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[ "$FORCE_PRETRAIN" = 1 ] && SKIP_PRETRAIN=0
+
+BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+if [ "$SMOKE" = 1 ]; then
+  # its own base dir; the package archives are shared so nothing is downloaded twice
+  mkdir -p "$BASE/smoke"
+  for shared in package_cache tiktoken_cache; do
+    mkdir -p "$BASE/$shared"
+    [ -e "$BASE/smoke/$shared" ] || ln -s "$BASE/$shared" "$BASE/smoke/$shared"
+  done
+  BASE="$BASE/smoke"
+fi
+export NANOCHAT_BASE_DIR="$BASE"
+export NANOCHAT_REPORT_DIR="$BASE/report"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+
+# ----------------------------------------------------------------------------- venv + install
+t_setup=$(date +%s)
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY="$PWD/.venv/bin/python"
+# rebuild only when the packaging or the Rust sources changed
+install_hash=$(cat pyproject.toml rustbpe/Cargo.toml rustbpe/src/*.rs | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.nanochat-installed 2>/dev/null)" != "$install_hash" ]; then
+  echo "[setup] pip install -e . (builds rustbpe; the first time also downloads torch)"
+  .venv/bin/pip install -q --disable-pip-version-check -e .
+  echo "$install_hash" > .venv/.nanochat-installed
+fi
+
+# ----------------------------------------------------------------------------- hardware -> mode
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$SMOKE" = 1 ]; then MODE=smoke; elif [ "$NGPU" -gt 0 ]; then MODE=gpu; else MODE=cpu; fi
+if [ "$NGPU" -gt 1 ] && [ "$MODE" = gpu ]; then
+  LAUNCH=("$PWD/.venv/bin/torchrun" --standalone "--nproc_per_node=$NGPU" -m)
+else
+  LAUNCH=("$PY" -m)
+fi
+RUN_DIR="$BASE/speedrun/$MODE"; LOGS="$RUN_DIR/logs"; MARKS="$RUN_DIR/done"
+[ "$FRESH" = 1 ] && rm -rf "$MARKS"
+mkdir -p "$LOGS" "$MARKS"
+if [ -z "$(ls -A "$MARKS")" ]; then "$PY" -m nanochat.report reset; fi  # a new run: a new report
+"$PY" -m nanochat.report stage --name=setup --seconds=$(( $(date +%s) - t_setup ))
+echo "[speedrun] mode $MODE ($NGPU GPU), base dir $BASE, logs $LOGS"
+
+WANDB=(); [ -n "${WANDB_RUN:-}" ] && WANDB=("--run=$WANDB_RUN")
+RESUME=(--resume); [ "$FRESH" = 1 ] && RESUME=()  # an interrupted stage continues from its last checkpoint
+
+# run_stage NAME CMD...: banner, log, timing; a failure stops the run naming the stage and its log
+run_stage() {
+  local name=$1; shift
+  if [ -f "$MARKS/$name" ]; then
+    echo "[$name] finished in an earlier run, skipped (bash speedrun.sh --fresh redoes everything)"
+    return 0
+  fi
+  local log="$LOGS/$name.log" t0 rc
+  echo; echo "==================== [$name] $(date '+%H:%M:%S') ===================="
+  echo "\$ $*" | tee -a "$log"
+  t0=$(date +%s)
+  set +e
+  "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local secs=$(( $(date +%s) - t0 ))
+  if [ "$rc" -ne 0 ]; then
+    "$PY" -m nanochat.report stage --name="$name" --status=failed --seconds="$secs" --log="$log" || true
+    echo "[speedrun] stage '$name' failed (exit $rc) after ${secs}s; log: $log" >&2
+    echo "[speedrun] fix it and re-run the same command: finished stages are skipped, this one resumes" >&2
+    exit "$rc"
+  fi
+  "$PY" -m nanochat.report stage --name="$name" --seconds="$secs" --log="$log"
+  touch "$MARKS/$name"
+  echo "[$name] done in ${secs}s"
+}
+
+# ----------------------------------------------------------------------------- per-mode settings
+case "$MODE" in
+  smoke)
+    DATA_ARGS=(--max_docs=64); VOCAB=2048
+    BASE_ARGS=(configs/smoke.py)
+    EVAL_ARGS=(--max_per_task=8); BPB_ARGS=(--split_tokens=4096 --device_batch_size=4)
+    MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=-1
+              --generated_examples=32 --identity_examples=16 --chitchat_examples=16 --multiple_choice_examples=16)
+    SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=-1
+              --generated_examples=16 --identity_examples=16 --chitchat_examples=0 --eval_problems=0)
+    DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
+    CHAT_EVAL_ARGS=(--max_problems=8) ;;
+  cpu)
+    DATA_ARGS=(); VOCAB=8192
+    BASE_ARGS=(configs/cpu.py)
+    EVAL_ARGS=(); BPB_ARGS=(--split_tokens=262144)
+    MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
+    DPO_ARGS=(configs/cpu_dpo.py); RL_ARGS=(configs/cpu_rl.py)
+    CHAT_EVAL_ARGS=(--max_problems=100) ;;
+  gpu)
+    DATA_ARGS=(); VOCAB=65536
+    BASE_ARGS=(configs/d20.py)
+    EVAL_ARGS=(); BPB_ARGS=()
+    MID_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); RL_ARGS=(); CHAT_EVAL_ARGS=() ;;
+esac
+# every stage names its checkpoints by this tag, so other models in the base dir are never picked up
+case "$MODE" in smoke) TAG=d2 ;; cpu) TAG=d4 ;; gpu) TAG=d20 ;; esac
+[ -n "${DEPTH:-}" ] && BASE_ARGS+=("--depth=$DEPTH") && TAG="d$DEPTH"
+[ "${USE_MOE:-false}" = true ] && BASE_ARGS+=(--n_experts=4 --experts_per_token=1 --shared_expert=True)
+[ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
+[ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
+
+# ----------------------------------------------------------------------------- data + tokenizer
+if [ -n "${PRETRAIN_JSON:-}" ]; then
+  run_stage data "$PY" -m nanochat.dataset "--input=$PRETRAIN_JSON" "${DATA_ARGS[@]}"
+else
+  run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
+fi
+run_stage tokenizer "$PY" -m scripts.tok_train "--vocab_size=$VOCAB"
+run_stage tok_eval "$PY" -m scripts.tok_eval --references=False
+
+# ----------------------------------------------------------------------------- pretraining
+BASE_CKPT="base_checkpoints/$TAG"
+pretrain=1
+if [ "$SKIP_PRETRAIN" = 1 ]; then
+  candidate="${NANOCHAT_PRETRAINED_PATH:-base_checkpoints/$TAG}"
+  if found=$("$PY" -m nanochat.checkpoint_manager check "$candidate" --stage=base) ||
+     { [ -z "${NANOCHAT_PRETRAINED_PATH:-}" ] && found=$("$PY" -m nanochat.checkpoint_manager check base_checkpoints/latest --stage=base); }; then
+    echo "[base_train] --skip-pretrain: reusing $found"
+    BASE_CKPT="$found"; pretrain=0; TAG=$(basename "$(dirname "$found")")
+    "$PY" -m nanochat.report stage --name=base_train --status="reused $found" --seconds=0
+  else
+    echo "[base_train] --skip-pretrain: no valid base checkpoint ($candidate), training one"
+  fi
+fi
+if [ "$pretrain" = 1 ]; then
+  if [ "$FORCE_PRETRAIN" = 1 ]; then
+    rm -f "$MARKS/base_train" "$MARKS/base_eval" "$MARKS/base_loss"
+    run_stage base_train "${LAUNCH[@]}" scripts.base_train "${BASE_ARGS[@]}" "${WANDB[@]}"
+  else
+    run_stage base_train "${LAUNCH[@]}" scripts.base_train "${BASE_ARGS[@]}" "${WANDB[@]}" "${RESUME[@]}"
+  fi
+fi
+run_stage base_loss "${LAUNCH[@]}" scripts.base_loss "--checkpoint=$BASE_CKPT" "${BPB_ARGS[@]}"
+run_stage base_eval "${LAUNCH[@]}" scripts.base_eval "--checkpoint=$BASE_CKPT" "${EVAL_ARGS[@]}"
+
+# ----------------------------------------------------------------------------- chat stages
+run_stage mid_train "${LAUNCH[@]}" scripts.mid_train "${MID_ARGS[@]}" "--base_checkpoint=$BASE_CKPT" \
+  "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
+run_stage chat_sft "${LAUNCH[@]}" scripts.chat_sft "${SFT_ARGS[@]}" "--mid_checkpoint=mid_checkpoints/$TAG" \
+  "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
+run_stage chat_eval_sft "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatsft_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+run_stage chat_dpo "${LAUNCH[@]}" scripts.chat_dpo "${DPO_ARGS[@]}" "--sft_checkpoint=chatsft_checkpoints/$TAG" \
+  "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
+run_stage chat_rl "${LAUNCH[@]}" scripts.chat_rl "${RL_ARGS[@]}" "--checkpoint=chatdpo_checkpoints/$TAG" \
+  "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
+run_stage chat_eval_rl "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatrl_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+
+# ----------------------------------------------------------------------------- report
+"$PY" -m nanochat.report generate --out=report.md
+[ "$MODE" = smoke ] || cp report.md "$RUN_DIR/report.md"
+echo
+echo "[speedrun] done: report.md (plots in report_plots/); talk to it:"
+echo "  NANOCHAT_BASE_DIR=$BASE .venv/bin/python -m scripts.chat_cli"
+echo "  NANOCHAT_BASE_DIR=$BASE .venv/bin/python -m scripts.chat_web"
