@@ -56,11 +56,19 @@ for split in ["train", "val"]:
     print0(f"{split} bpb: {results[split]:.4f}")
 
 if rank == 0:
+    samples = []
     prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                "The opposite of hot is", "The planets of the solar system are:", "中国的首都是", "My favorite color is"]
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         with autocast:
             ids += list(model.generate(ids, max_new_tokens, temperature=0))
-        print0(f"  {tokenizer.decode(ids[1:])!r}")
+        samples.append(tokenizer.decode(ids[1:]))
+        print0(f"  {samples[-1]!r}")
+    from nanochat import report
+    table = "| greedy completion |\n|---|\n" + "\n".join("| " + s.replace("|", "\\|").replace("\n", " ") + " |" for s in samples)
+    report.log_section("Base model loss", config=user_config, table=table, stage="BASE",
+                       metrics={"checkpoint": f"{checkpoint_dir} step {step}", "train bpb": results["train"],
+                                "val bpb": results["val"], "tokens per split": steps * device_batch_size * seq_len * world_size},
+                       summary={"val bpb": results["val"]})
 compute_cleanup()

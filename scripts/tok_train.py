@@ -72,3 +72,10 @@ assert token_bytes.shape == (tokenizer.get_vocab_size(),)
 nonzero = token_bytes[token_bytes > 0].float()
 print(f"round trip ok: {len(sample.encode('utf-8'))} bytes -> {len(ids)} tokens; "
       f"token bytes min {int(nonzero.min())} max {int(nonzero.max())} mean {nonzero.mean():.2f}")
+
+from nanochat import report
+
+report.log_section("Tokenizer training", config=config, metrics={
+    "vocab size": tokenizer.get_vocab_size(), "special tokens": len(tokenizer.get_special_tokens()),
+    "train documents": stats["docs"], "train characters": stats["chars"], "train seconds": round(train_time, 2),
+    "bytes per token (round-trip sample)": round(len(sample.encode("utf-8")) / len(ids), 3)})
