@@ -302,3 +302,40 @@ def test_crash_at_each_phase_of_a_save(tmp_path, monkeypatch):
         model, _, _ = load_checkpoint(str(ckdir), 1, "cpu", load_optimizer=True)
         assert model["wte.weight"][0, 0].item() == 1
         assert not [n for n in os.listdir(ckdir) if ".tmp" in n]  # the failed write removed its temp file
+
+
+def test_check_usable_cli(base):
+    """`python -m nanochat.checkpoint_manager check` (speedrun's --skip-pretrain): a good checkpoint
+    prints its model file; a vocab or tokenizer mismatch and a corrupted file exit 1 saying why."""
+    gpt = pytest.importorskip("nanochat.gpt")
+    from nanochat.tokenizer import RustBPETokenizer, tokenizer_fingerprint
+    tok = RustBPETokenizer.train_from_iterator(["hello world, the cat sat on the mat"] * 20, 300)
+    tok.save(str(base / "tokenizer"))
+    config = gpt.config_from_depth(1, vocab_size=tok.get_vocab_size(), sequence_len=16)
+    model = gpt.GPT(config)
+    model.init_weights()
+    good = base / "base_checkpoints" / "d1"
+    save_checkpoint(str(good), 3, model.state_dict(), None,
+                    {"model_config": config.__dict__, "tokenizer_hash": tokenizer_fingerprint(tok)})
+
+    def check(arg):
+        return subprocess.run([sys.executable, "-m", "nanochat.checkpoint_manager", "check", arg, "--stage=base"],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "NANOCHAT_BASE_DIR": str(base)})
+
+    r = check("base_checkpoints/d1")
+    assert r.returncode == 0 and r.stdout.strip() == str(good / "model_000003.pt"), r.stderr
+    other = dict(config.__dict__, vocab_size=config.vocab_size + 1)
+    save_checkpoint(str(base / "base_checkpoints" / "vocab"), 1, gpt.GPT(gpt.GPTConfig(**other)).state_dict(), None,
+                    {"model_config": other})
+    r = check("base_checkpoints/vocab")
+    assert r.returncode == 1 and "vocab size mismatch" in r.stderr
+    save_checkpoint(str(base / "base_checkpoints" / "tok"), 1, model.state_dict(), None,
+                    {"model_config": config.__dict__, "tokenizer_hash": "0" * 64})
+    r = check("base_checkpoints/tok")
+    assert r.returncode == 1 and "tokenizer mismatch" in r.stderr
+    with open(good / "model_000003.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    r = check("base_checkpoints/d1")
+    assert r.returncode == 1 and "model_000003.pt" in r.stderr
+    assert check("base_checkpoints/none").returncode == 1
