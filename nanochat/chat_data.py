@@ -26,7 +26,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, resolve_checkpoint,
+from nanochat import lora
+from nanochat.checkpoint_manager import (CheckpointError, find_last_step, list_steps, load_checkpoint, resolve_checkpoint,
                                          save_checkpoint, stage_dir)
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
@@ -154,6 +155,10 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     opts: the script's options (see scripts/mid_train.py). extra_eval(model, step) -> dict of
     metrics, called on rank 0 with each val loss. Same logging, checkpoints, resume (--resume),
     Ctrl-C and DDP behaviour as scripts/base_train.py.
+    LoRA (opts lora_rank > 0, lora_alpha, lora_targets, lora_lr): the source's weights stay frozen
+    and only adapters train (AdamW at lora_lr); each save writes the merged model (a normal
+    checkpoint) and the adapter alone (adapter_<step>.pt, see nanochat/lora.py); --resume reloads
+    the source + that adapter.
     """
     o = opts
     device_type = o["device_type"] or autodetect_device_type()
@@ -175,8 +180,13 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
         resume_step = find_last_step(checkpoint_dir)
         if resume_step is None:
             print0(f"resume: no checkpoint in {checkpoint_dir}, starting from {source_dir} step {source_step}")
-    load_dir, load_step = (checkpoint_dir, resume_step) if resume_step is not None else (source_dir, source_step)
-    orig_model, meta = build_model(load_dir, load_step, device, phase="train")
+    lora_rank = o.get("lora_rank", 0)
+    try:
+        orig_model, meta, loaded = lora.build_trainable(source_dir, source_step, checkpoint_dir, resume_step, device,
+                                                        lora_rank, o.get("lora_alpha"), o.get("lora_targets"))
+    except (CheckpointError, lora.LoRAError) as e:
+        raise SystemExit(f"{stage}: {e}") from None
+    source_meta = meta
     model_config = meta["model_config"]
     if model_config["vocab_size"] != tokenizer.get_vocab_size():
         raise SystemExit(f"{meta['checkpoint_file']}: vocab size {model_config['vocab_size']} does not match the "
@@ -193,20 +203,29 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     num_iterations = o["num_iterations"]
     if num_iterations <= 0:  # one epoch of the mixture
         num_iterations = max(1, estimate_rows_per_epoch(train_task, tokenizer, T, pack) // rows_per_step)
-    print0(f"{stage}: from {load_dir} step {load_step} | model: {model_config}")
+    print0(f"{stage}: from {loaded} | model: {model_config}")
+    if lora_rank > 0:
+        trainable, total = lora.count_parameters(orig_model)
+        print0(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     print0(f"train: {len(train_task):,} conversations | val: {len(val_task):,} | batch: {rows_per_step} rows = "
            f"{B} x {world_size} ranks x {grad_accum_steps} accum of {T} tokens | steps: {num_iterations:,}")
 
-    optimizers = orig_model.setup_optimizers(unembedding_lr=o["unembedding_lr"], embedding_lr=o["embedding_lr"],
-                                             matrix_lr=o["matrix_lr"], weight_decay=o["weight_decay"])
-    for opt in optimizers:  # fine-tuning starts from a fraction of the pretraining learning rates
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * o["init_lr_frac"]
+    if lora_rank > 0:
+        optimizers = lora.setup_optimizers(orig_model, o["lora_lr"], weight_decay=o["weight_decay"])
+    else:
+        optimizers = orig_model.setup_optimizers(unembedding_lr=o["unembedding_lr"], embedding_lr=o["embedding_lr"],
+                                                 matrix_lr=o["matrix_lr"], weight_decay=o["weight_decay"])
+        for opt in optimizers:  # fine-tuning starts from a fraction of the pretraining learning rates
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = group["initial_lr"] * o["init_lr_frac"]
 
     start_step, loader_states, val_loss = 0, None, None
     history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
     if resume_step is not None:
         _, saved_train_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+        if bool(meta.get("lora")) != (lora_rank > 0):
+            raise SystemExit(f"resume: {meta['checkpoint_file']} was trained {'with' if meta.get('lora') else 'without'} "
+                             f"LoRA; resume with the same --lora_rank ({(meta.get('lora') or {}).get('rank', 0)})")
         loader_states = restore_train_state(saved_train_state, optimizers, world_size * grad_accum_steps)
         start_step, history, val_loss = meta["step"], meta["history"], meta.get("val_loss")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
@@ -224,8 +243,17 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
         meta = {"step": step, "val_loss": val_loss, "model_config": model_config, "config": user_config,
                 "tokenizer_vocab_size": tokenizer.get_vocab_size(), "history": history,
                 "num_iterations": num_iterations, "source": f"{source_dir} step {source_step}"}
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, num_lanes),
+        if lora_rank > 0:  # the adapter first: a complete checkpoint (meta written last) always has its adapter
+            meta["lora"] = {"rank": lora_rank, "alpha": o["lora_alpha"], "targets": o["lora_targets"],
+                            "adapter": os.path.basename(lora.adapter_path(checkpoint_dir, step))}
+            if master:
+                lora.save_adapter(lora.adapter_path(checkpoint_dir, step), orig_model, source_meta,
+                                  extra={"stage": stage, "step": step})
+        model_state = lora.merged_state_dict(orig_model) if lora_rank > 0 else orig_model.state_dict()
+        save_checkpoint(checkpoint_dir, step, model_state, train_state(optimizers, loader_states, num_lanes),
                         meta, rank=rank, keep_last=o["keep_last"])
+        if lora_rank > 0 and master:
+            lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
         if master:
             write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
             plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],

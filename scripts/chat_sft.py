@@ -6,9 +6,11 @@ calculator arithmetic, spelling, some small talk, and your own data), loss on as
     python -m scripts.chat_sft --data_path=my_chats.jsonl      # add your own conversations
     torchrun --nproc_per_node=2 -m scripts.chat_sft
     python -m scripts.chat_sft --resume                        # continue the newest checkpoint
+    python -m scripts.chat_sft --lora_rank=16                  # LoRA: train adapters only, saved alone too
 
 Every eval_every steps: the val loss and greedy accuracies on held-out Arithmetic, Spelling and
-Identity problems (generated with the engine, tools included). Writes chatsft_checkpoints/<tag>.
+Identity problems (generated with the engine, tools included). Writes chatsft_checkpoints/<tag>
+(with --lora_rank: the merged model as usual, plus the adapter alone in adapter_<step>.pt).
 """
 import os
 import sys
@@ -57,6 +59,10 @@ data_path = ""                 # user conversations (MiniMind JSONL), added to t
 generated_examples = 2000      # arithmetic and spelling problems each
 identity_examples = 500        # who-are-you conversations (EN + ZH)
 chitchat_examples = 1000       # a slice of chitchat-dataset; 0: none
+lora_rank = 0                  # > 0: train LoRA adapters of this rank only (base frozen); 0: full fine-tuning
+lora_alpha = 32.0              # adapter scale alpha / rank
+lora_targets = "attn.c_q,attn.c_v,mlp.c_fc"  # linear layers that get adapters (name patterns, comma-separated)
+lora_lr = 1e-3                 # AdamW lr of the adapters (the *_lr / init_lr_frac above are for full fine-tuning)
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
