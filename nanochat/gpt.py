@@ -3,6 +3,8 @@
 Choices (each a known improvement over GPT-2, kept because it is cheap and simple):
 - rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm
 - ReLU^2 MLP, no biases, untied token embedding and lm_head
+- optionally a mixture-of-experts MLP (n_experts > 0): a top-k router with the Switch
+  load-balancing loss, experts as stacked weights run by batched matmuls (see MoE)
 - grouped-query attention (n_kv_head <= n_head), SDPA attention (flash kernels on GPU)
 - logit soft-capping: softcap * tanh(logits / softcap), computed in fp32; on CPU the
   training loss is computed in chunks without materializing the logits (see
@@ -39,19 +41,39 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     softcap: float = 15.0
-    # New fields (e.g. n_experts for a MoE MLP) get defaults that mean "as before", so a
-    # checkpoint's saved config keeps loading with GPTConfig(**saved).
+    # New fields get defaults that mean "as before", so a checkpoint's saved config keeps
+    # loading with GPTConfig(**saved). Mixture of experts (MoE, the MLP only):
+    n_experts: int = 0                # routed experts per MoE layer; 0 = the dense MLP everywhere
+    experts_per_token: int = 2        # top-k: experts each token is sent to
+    expert_hidden: int = 0            # hidden width of each expert (and the shared one); 0 = 4 * n_embd
+    shared_expert: bool = False       # an always-on expert beside the routed ones (DeepSeekMoE)
+    moe_aux_loss_coef: float = 0.01   # weight of the load-balancing loss in the training loss
+    moe_every: int = 1                # MoE in every moe_every-th block (1: all, 2: every other), dense elsewhere
+    moe_capacity_factor: float = 0.0  # training only: bucket size = factor * k * tokens / experts, overflow
+                                      # dropped (static shapes, for torch.compile); 0 = no token is dropped
 
     def __post_init__(self):
         assert self.n_embd % self.n_head == 0, f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
         assert self.n_head % self.n_kv_head == 0, f"GPTConfig: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
         assert (self.n_embd // self.n_head) % 2 == 0, f"GPTConfig: head_dim={self.n_embd // self.n_head} must be even (rotary pairs)"
+        assert self.n_experts >= 0, f"GPTConfig: n_experts={self.n_experts} must be >= 0 (0 = dense)"
+        if self.n_experts:
+            assert 1 <= self.experts_per_token <= self.n_experts, \
+                f"GPTConfig: experts_per_token={self.experts_per_token} must be in 1..n_experts={self.n_experts}"
+            assert self.moe_every >= 1, f"GPTConfig: moe_every={self.moe_every} must be >= 1"
+            assert self.expert_hidden >= 0 and self.moe_capacity_factor >= 0, \
+                "GPTConfig: expert_hidden and moe_capacity_factor must be >= 0"
+
+    def is_moe_layer(self, layer_idx):
+        return self.n_experts > 0 and (layer_idx + 1) % self.moe_every == 0
 
 
-def config_from_depth(depth, vocab_size, sequence_len, head_dim=128, n_kv_head=None, aspect_ratio=64, softcap=15.0):
+def config_from_depth(depth, vocab_size, sequence_len, head_dim=128, n_kv_head=None, aspect_ratio=64, softcap=15.0,
+                      **moe):
     """The one-dial model: width = aspect_ratio * depth, heads of about head_dim channels.
     n_head is the smallest count that keeps heads no wider than head_dim, divides the width
-    and leaves an even head size; tiny models therefore get one narrow head (depth 1: 64)."""
+    and leaves an even head size; tiny models therefore get one narrow head (depth 1: 64).
+    moe: GPTConfig's MoE fields (n_experts=..., experts_per_token=..., ...), passed through."""
     assert depth >= 1, f"depth must be >= 1, got {depth}"
     n_embd = aspect_ratio * depth
     n_head = max(1, math.ceil(n_embd / head_dim))
@@ -59,7 +81,7 @@ def config_from_depth(depth, vocab_size, sequence_len, head_dim=128, n_kv_head=N
         n_head += 1
     n_kv_head = n_head if n_kv_head is None else n_kv_head
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, softcap=softcap)
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, softcap=softcap, **moe)
 
 
 def norm(x):
@@ -176,20 +198,101 @@ class MLP(nn.Module):
     """The dense feed-forward block. Its own module so a MoE layer (same input and output
     shapes) can take its place in Block, chosen from the config."""
 
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        hidden = hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: sparse and cheap
+
+
+class MoE(nn.Module):
+    """Mixture of experts in place of the MLP: a linear router scores n_experts ReLU^2 MLPs per
+    token, each token goes to its top-k, and their outputs are summed with the router's weights
+    (renormalized over the k chosen when k > 1; for k = 1 the raw probability, as in Switch,
+    since a renormalized single weight is always 1 and the router would learn nothing from the
+    language-model loss). An optional shared expert sees every token.
+
+    The experts are stacked weights, w_fc (E, hidden, d) and w_proj (E, d, hidden), laid out like
+    nn.Linear weights (out, in) so that Muon treats each expert as it treats the dense MLP. No
+    Python loop over tokens or experts: the (token, expert) assignments are sorted by expert,
+    copied into one zero-padded bucket per expert (E, C, d), pushed through two batched matmuls
+    (torch.bmm over the experts), and added back to their tokens with index_add. C is the
+    largest expert's load (nothing dropped; the default) or, in training with a capacity
+    factor, a fixed size computed from the token count (overflow assignments are dropped and
+    those tokens keep only the residual and the shared expert), which keeps shapes static.
+
+    Each forward stores the Switch load-balancing loss in self.aux_loss:
+    n_experts * sum_e f_e * P_e, with f_e the fraction of assignments that went to expert e and
+    P_e the mean router probability of e. It is 1 when the load and the router are uniform and
+    grows to n_experts as everything collapses onto one expert; its gradient flows through P."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.experts_per_token
+        self.capacity_factor = config.moe_capacity_factor
+        d, hidden = config.n_embd, config.expert_hidden or 4 * config.n_embd
+        self.router = nn.Linear(d, self.n_experts, bias=False)
+        self.w_fc = nn.Parameter(torch.empty(self.n_experts, hidden, d))
+        self.w_proj = nn.Parameter(torch.empty(self.n_experts, d, hidden))
+        self.shared = MLP(config, hidden) if config.shared_expert else None
+        self.aux_loss = None
+
+    @torch.no_grad()
+    def init_weights(self):
+        d = self.w_fc.size(-1)
+        # router logits start ~N(0, 1) on the normed input: tokens spread over the experts
+        for w in (self.router.weight, self.w_fc) + ((self.shared.c_fc.weight,) if self.shared is not None else ()):
+            nn.init.normal_(w, mean=0.0, std=d ** -0.5)
+        nn.init.zeros_(self.w_proj)  # as the dense MLP: the block starts as the identity
+        if self.shared is not None:
+            nn.init.zeros_(self.shared.c_proj.weight)
+
+    def route(self, x):
+        """x (N, d) -> expert ids (N, k), their weights (N, k) and all router probabilities (N, E)."""
+        probs = self.router(x).float().softmax(dim=-1)  # fp32: the aux loss and the weights are small sums
+        top_p, top_e = probs.topk(self.top_k, dim=-1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
+        return top_e, gates, probs
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        (N, d), E, k = x.shape, self.n_experts, self.top_k
+        top_e, gates, probs = self.route(x)
+        expert = top_e.flatten()  # assignment a = (token a // k, its (a % k)-th choice)
+        load = torch.bincount(expert, minlength=E)
+        self.aux_loss = E * (load.float() / (N * k) * probs.mean(dim=0)).sum()
+        # dispatch: group the assignments by expert; slot = position inside the expert's bucket
+        order = expert.argsort(stable=True)
+        expert, token = expert[order], order // k
+        slot = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[expert]
+        if self.training and self.capacity_factor > 0:
+            C = max(1, math.ceil(self.capacity_factor * N * k / E))
+        else:
+            C = int(load.max())  # one host sync; exact, nothing dropped
+        kept = slot < C
+        slot = torch.where(kept, slot, C)  # overflow goes to a spare row C that is never computed
+        buckets = x.new_zeros(E, C + 1, d)
+        buckets[expert, slot] = x[token]
+        h = F.relu(torch.bmm(buckets[:, :C], self.w_fc.mT)).square()
+        out = torch.bmm(h, self.w_proj.mT)  # (E, C, d)
+        # combine: each assignment's output, times its router weight (0 if dropped), added to its token
+        weight = gates.flatten()[order] * kept
+        contrib = out[expert, slot.clamp(max=C - 1)] * weight[:, None].to(out.dtype)
+        y = contrib.new_zeros(N, d).index_add_(0, token, contrib)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape)
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x, cos_sin, kv_cache):
         x = x + self.attn(norm(x), cos_sin, kv_cache)
@@ -266,6 +369,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.moe_aux_loss = None  # the last forward's load-balancing loss (MoE models), for logging
         # Rotary tables 10x the training length, so generation can run past it. Buffers that
         # are not saved: init_weights recomputes them on the real device.
         self.rotary_seq_len = config.sequence_len * 10
@@ -293,11 +397,15 @@ class GPT(nn.Module):
         # small lm_head: logits start near 0, so the initial loss is ~ln(vocab_size)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            dense = isinstance(block.mlp, MLP)
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v) + ((block.mlp.c_fc,) if dense else ()):
                 nn.init.normal_(lin.weight, mean=0.0, std=lin.in_features ** -0.5)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            if dense:
+                nn.init.zeros_(block.mlp.c_proj.weight)
+            else:
+                block.mlp.init_weights()
         device = self.transformer.wte.weight.device
         self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device=device)
         if device.type == "cuda":
@@ -308,32 +416,52 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
+    def moe_layers(self):
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
     def num_params(self, exclude_embedding=False):
+        """All parameters (for a MoE model: every expert; see num_active_params)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wte.weight.numel() if exclude_embedding else n
 
+    def num_active_params(self, exclude_embedding=False):
+        """Parameters one token uses: num_params less the experts it is not routed to
+        (n_experts - experts_per_token per MoE layer). The same as num_params when dense."""
+        n = self.num_params(exclude_embedding)
+        for moe in self.moe_layers():
+            n -= (moe.n_experts - moe.top_k) * (moe.w_fc[0].numel() + moe.w_proj[0].numel())
+        return n
+
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per matmul weight (forward + backward), plus attention
-        scores and weighted sum, 12 * layers * heads * head_dim * seq_len. The embedding is a
-        lookup, not a matmul, so it is left out; lm_head is a matmul and counts."""
+        """Training FLOPs per token: 6 per matmul weight a token uses (forward + backward; for
+        MoE the active parameters, router included), plus attention scores and weighted sum,
+        12 * layers * heads * head_dim * seq_len. The embedding is a lookup, not a matmul, so it
+        is left out; lm_head is a matmul and counts. MoE dispatch (sort, copies) is not counted."""
         c = self.config
         l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
-        return 6 * self.num_params(exclude_embedding=True) + 12 * l * h * q * t
+        return 6 * self.num_active_params(exclude_embedding=True) + 12 * l * h * q * t
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, adam_betas=(0.8, 0.95)):
-        """[AdamW for wte, lm_head and any non-matrix params; Muon for the blocks' matrices].
+        """[AdamW for wte, lm_head, MoE routers and any non-matrix params; Muon for the blocks'
+        matrices, MoE experts included: a stack (E, out, in) is orthogonalized expert by expert].
         The distributed (sharded, no DDP wrapper needed) variants when world size > 1.
         weight_decay (decoupled, times lr) applies to both. Each group records initial_lr."""
-        matrix_params = [p for p in self.transformer.h.parameters() if p.ndim >= 2]
+        # A router is a small classifier over experts, like lm_head over tokens, and gets its
+        # AdamW lr: Muon would move every expert's row by the same amount each step.
+        router_params = [moe.router.weight for moe in self.moe_layers()]
+        routers = {id(p) for p in router_params}
+        matrix_params = [p for p in self.transformer.h.parameters() if p.ndim >= 2 and id(p) not in routers]
         scalar_params = [p for p in self.transformer.h.parameters() if p.ndim < 2]
         embedding_params = [self.transformer.wte.weight]
         lm_head_params = [self.lm_head.weight]
-        n_grouped = len(matrix_params) + len(scalar_params) + 2
+        n_grouped = len(matrix_params) + len(router_params) + len(scalar_params) + 2
         assert n_grouped == len(list(self.parameters())), "setup_optimizers: a parameter has no optimizer"
         # AdamW lrs were tuned at width 768; other widths scale them by 1/sqrt(width / 768).
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * scale),
                        dict(params=embedding_params, lr=embedding_lr * scale)]
+        if router_params:
+            adam_groups.append(dict(params=router_params, lr=unembedding_lr * scale))
         if scalar_params:
             adam_groups.append(dict(params=scalar_params, lr=embedding_lr * scale))
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -349,7 +477,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None,
         else the cross-entropy loss (targets == -1 are ignored): a scalar for "mean" / "sum",
-        per-token (B, T) for "none" (0 at ignored positions)."""
+        per-token (B, T) for "none" (0 at ignored positions).
+        MoE: in training mode the "mean" / "sum" loss also holds moe_aux_loss_coef times the
+        load-balancing loss (mean over the MoE layers; for "sum" times the counted tokens, so
+        that dividing by them gives the mean's value). Per-token losses and eval mode never
+        include it. self.moe_aux_loss holds the last forward's value (detached) for logging."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert t0 + T <= self.cos.size(1), \
@@ -362,6 +494,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
+        aux = self._aux_loss(targets, loss_reduction)
         # Soft-cap: logits = softcap * tanh(z / softcap), a smooth clamp to (-softcap, softcap).
         # z / softcap is computed as lm_head(x / softcap): the division runs over n_embd
         # channels instead of vocab_size logits, one pass fewer over the biggest tensor.
@@ -376,14 +509,28 @@ class GPT(nn.Module):
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
             loss = ChunkedSoftcapCrossEntropy.apply((x / softcap).view(B * T, -1), self.lm_head.weight,
                                                     targets.reshape(-1), softcap, loss_reduction, needs_grad)
-            return loss.view(B, T) if loss_reduction == "none" else loss
+            return loss.view(B, T) if loss_reduction == "none" else loss + aux
         logits = self.lm_head(x / softcap).float()  # fp32 for the tanh and the loss
         logits = softcap * logits.tanh_()  # in place: one vocab-sized allocation fewer
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        return loss.view(B, T) if loss_reduction == "none" else loss + aux
+
+    def _aux_loss(self, targets, loss_reduction):
+        """The MoE term of the training loss (see forward); 0 (a Python int) for dense models."""
+        moe = self.moe_layers()
+        if not moe:
+            return 0
+        aux = torch.stack([m.aux_loss for m in moe]).mean()
+        self.moe_aux_loss = aux.detach()
+        coef = self.config.moe_aux_loss_coef
+        if targets is None or not self.training or loss_reduction == "none" or coef == 0:
+            return 0
+        if loss_reduction == "sum":
+            return coef * aux * (targets >= 0).sum()
+        return coef * aux
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -4,6 +4,7 @@ Pretrain the base model on the parquet shards.
     python -m scripts.base_train configs/cpu.py --depth=4 --max_seq_len=256
     torchrun --nproc_per_node=2 -m scripts.base_train configs/dual_gpu/stable_26gb.py
     python -m scripts.base_train configs/cpu.py --resume        # continue the newest checkpoint
+    python -m scripts.base_train configs/cpu.py --n_experts=4 --experts_per_token=1   # MoE MLPs
 
 Ctrl-C (or SIGTERM) saves a checkpoint and exits; `--resume` continues from it with the same
 model, optimizer, data position and RNG, so an interrupted run ends where an uninterrupted one would.
@@ -40,7 +41,14 @@ device_type = ""               # cuda | mps | cpu; empty: autodetect
 depth = 20                     # the one dial: width = 64 * depth, heads and lrs follow
 max_seq_len = 2048
 n_kv_head = 0                  # grouped-query attention; 0: as many as query heads
-# horizon: num_iterations if > 0, else tokens = target_param_data_ratio * params (Chinchilla ~20)
+# mixture of experts in place of the MLP (nanochat.gpt.MoE); 0 experts: dense
+n_experts = 0
+experts_per_token = 2          # top-k
+shared_expert = False          # an always-on expert beside the routed ones
+moe_aux_loss_coef = 0.01       # weight of the load-balancing loss
+moe_capacity_factor = 0.0      # > 0 (e.g. 1.25): fixed expert buckets, overflow dropped; static shapes for torch.compile
+# horizon: num_iterations if > 0, else tokens = target_param_data_ratio * params (Chinchilla ~20;
+# active params for MoE, so a MoE run gets the tokens of the dense model with its compute per token)
 num_iterations = -1
 target_param_data_ratio = 20
 # batch: gradient accumulation fills total_batch_size tokens per step
@@ -61,7 +69,7 @@ eval_tokens = 20 * 524288
 sample_every = 2000
 save_every = -1                # -1: only at the end (and on Ctrl-C)
 keep_last = 2                  # older checkpoints are removed once a new one is complete
-model_tag = ""                 # default d<depth>
+model_tag = ""                 # default d<depth> (MoE: d<depth>_moe<experts>x<k>)
 resume = False
 resume_from_step = -1
 compile = True                 # torch.compile on CUDA
@@ -83,8 +91,10 @@ tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
+moe = dict(n_experts=n_experts, experts_per_token=experts_per_token, shared_expert=shared_expert,
+           moe_aux_loss_coef=moe_aux_loss_coef, moe_capacity_factor=moe_capacity_factor) if n_experts else {}
 model_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len,
-                                 n_kv_head=n_kv_head or None)
+                                 n_kv_head=n_kv_head or None, **moe)
 with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
@@ -93,6 +103,7 @@ orig_model = model
 if compile and device_type == "cuda":
     model = torch.compile(model, dynamic=False)
 num_params = orig_model.num_params()
+num_active_params = orig_model.num_active_params()  # == num_params for a dense model
 flops_per_token = orig_model.estimate_flops()
 
 tokens_per_micro_step = device_batch_size * max_seq_len * world_size
@@ -100,9 +111,13 @@ assert total_batch_size % tokens_per_micro_step == 0, \
     f"total_batch_size {total_batch_size} must be a multiple of device_batch_size*max_seq_len*world_size = {tokens_per_micro_step}"
 grad_accum_steps = total_batch_size // tokens_per_micro_step
 if num_iterations <= 0:
-    num_iterations = max(1, target_param_data_ratio * num_params // total_batch_size)
+    num_iterations = max(1, target_param_data_ratio * num_active_params // total_batch_size)
 print0(f"model: {model_config}")
-print0(f"params: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | vocab: {vocab_size:,}")
+print0(f"params: {num_params:,}" + (f" ({num_active_params:,} active per token)" if n_experts else "")
+       + f" | FLOPs/token: {flops_per_token:.3e} | vocab: {vocab_size:,}")
+if n_experts and compile and device_type == "cuda" and moe_capacity_factor == 0:
+    print0("note: MoE buckets sized by the largest expert load change shape every step; "
+           "--moe_capacity_factor=1.25 keeps them static for torch.compile")
 print0(f"batch: {total_batch_size:,} tokens = {device_batch_size} x {max_seq_len} x {world_size} ranks x {grad_accum_steps} accum"
        f" | steps: {num_iterations:,} | tokens: {num_iterations * total_batch_size:,}")
 
@@ -110,7 +125,8 @@ optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embeddin
                                          matrix_lr=matrix_lr, weight_decay=weight_decay)
 
 # ----------------------------------------------------------------------------- resume
-checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag or f"d{depth}")
+default_tag = f"d{depth}_moe{n_experts}x{experts_per_token}" if n_experts else f"d{depth}"  # never over a dense run's
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag or default_tag)
 start_step, loader_states, history, val_bpb = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}, None
 if resume or resume_from_step >= 0:
     step_to_load = resume_from_step if resume_from_step >= 0 else find_last_step(checkpoint_dir)
@@ -215,8 +231,13 @@ while True:
     mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
     history["step"].append(step)
     history["loss"].append(loss_value)
-    print0(format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta))
-    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
+    line = format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta)
+    logs = {"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec}
+    if n_experts:  # the load-balancing loss of the last micro-batch (1 = balanced; included in the loss)
+        logs["train/moe_aux_loss"] = orig_model.moe_aux_loss.item()
+        line += f" | moe aux {logs['train/moe_aux_loss']:.3f}"
+    print0(line)
+    wandb_run.log(logs)
 
 graceful.close()
 wandb_run.finish()

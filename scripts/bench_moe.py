@@ -1,0 +1,119 @@
+"""
+Benchmark: training tok/s of a mixture-of-experts model against a dense model with the same
+ACTIVE parameters (the parameters one token uses), side by side in one process, on the same
+batches, with the same optimizers (Muon + AdamW) and lr schedule; then both models' val bits
+per byte after the same number of steps.
+
+Equal active parameters: each of the experts_per_token (+ shared) experts a token uses has
+hidden width 4 * n_embd / (experts_per_token + shared), so its MLP work per token equals the
+dense MLP's; the MoE model holds n_experts / experts_per_token times the MLP weights. The
+difference in tok/s is then the price of routing (router, sort, bucket copies, padding).
+The two models take their steps alternately, so a busy machine slows both alike.
+
+    python -m scripts.bench_moe                                   # depth 4, 4 experts top-1 vs dense
+    python -m scripts.bench_moe --n_experts=8 --experts_per_token=2 --steps=40
+"""
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.common import autodetect_device_type, compute_dtype, seed_everything
+from nanochat.configurator import configure
+from nanochat.dataloader import data_loader
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import lr_multiplier, set_schedule
+
+# ----------------------------------------------------------------------------- defaults
+device_type = ""
+depth = 4
+max_seq_len = 256
+device_batch_size = 8
+steps = 60                    # training steps of each model
+warmup_steps = 3              # first steps left out of the timing (allocator, caches)
+n_experts = 4
+experts_per_token = 1
+shared_expert = False
+moe_aux_loss_coef = 0.01
+eval_tokens = 32768           # val bpb of both after `steps` (0: skip)
+seed = 1337
+user_config = configure(globals())
+# -----------------------------------------------------------------------------
+
+device_type = device_type or autodetect_device_type()
+device = torch.device(device_type)
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+tokens_per_step = device_batch_size * max_seq_len
+
+dense_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len)
+expert_hidden = 4 * dense_config.n_embd // (experts_per_token + int(shared_expert))
+moe_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len, n_experts=n_experts,
+                               experts_per_token=experts_per_token, shared_expert=shared_expert,
+                               expert_hidden=expert_hidden, moe_aux_loss_coef=moe_aux_loss_coef)
+
+
+def make(config):
+    seed_everything(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, model.setup_optimizers()
+
+
+models = {"dense": make(dense_config), "moe": make(moe_config)}
+for name, (model, _) in models.items():
+    print(f"{name:5s}: params {model.num_params():,} | active {model.num_active_params():,} | "
+          f"FLOPs/token {model.estimate_flops():.3e}")
+print(f"MoE: {n_experts} experts, top-{experts_per_token}{' + shared' if shared_expert else ''}, expert hidden "
+      f"{expert_hidden} | depth {depth} width {dense_config.n_embd} | batch {tokens_per_step} tokens | "
+      f"{steps} steps | {torch.get_num_threads()} threads")
+
+train_batches = data_loader(device_batch_size, max_seq_len, "train", tokenizer, device)
+seconds = {name: 0.0 for name in models}
+last_loss = {}
+for step in range(steps):
+    x, y = next(train_batches)[:2]
+    for name, (model, optimizers) in models.items():
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, y)
+        loss.backward()
+        set_schedule(optimizers, lr_multiplier(step, steps, 0.0, 0.4, 0.0), step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        last_loss[name] = loss.item()  # syncs the device: the timing is honest
+        if step >= warmup_steps:
+            seconds[name] += time.perf_counter() - t0
+    if step % 10 == 0 or step == steps - 1:
+        aux = models["moe"][0].moe_aux_loss.item()
+        print(f"step {step + 1:4d}/{steps} | loss dense {last_loss['dense']:.4f} moe {last_loss['moe']:.4f} "
+              f"(moe aux {aux:.3f})")
+
+timed = max(1, steps - warmup_steps) * tokens_per_step
+tps = {name: timed / max(s, 1e-9) for name, s in seconds.items()}
+print()
+print(f"training tok/s: moe {tps['moe']:,.0f} | dense {tps['dense']:,.0f} | ratio moe/dense {tps['moe'] / tps['dense']:.2f}x")
+if eval_tokens > 0:
+    eval_steps = max(1, eval_tokens // tokens_per_step)
+    bpb = {}
+    for name, (model, _) in models.items():
+        model.eval()
+        with autocast:
+            bpb[name] = evaluate_bpb(model, data_loader(device_batch_size, max_seq_len, "val", tokenizer, device),
+                                     eval_steps, token_bytes)
+    print(f"val bpb after {steps} steps ({eval_steps * tokens_per_step:,} val tokens): "
+          f"moe {bpb['moe']:.4f} | dense {bpb['dense']:.4f}")
