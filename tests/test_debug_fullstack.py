@@ -1,8 +1,8 @@
 """
-scripts/debug_fullstack.py in each mode (pretrain, sft) as a subprocess, on a tiny base dir
+scripts/debug_fullstack.py in each mode (pretrain, sft, dpo) as a subprocess, on a tiny base dir
 (a 512-token tokenizer trained here, a slice of the real corpus): the sections are printed, the
 shapes match the batch, the gradient norm is finite, the loss mask marks assistant tokens only
-(sft), and Chinese text comes out intact.
+(sft, dpo: the final reply only), Chinese text comes out intact, and --checkpoint loads a model.
 Run: nice -n 10 python -m pytest tests/test_debug_fullstack.py -q
 """
 import json
@@ -15,6 +15,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import RustBPETokenizer
@@ -196,3 +197,34 @@ def test_sft_mixture(base_dir, tokenizer):
         check_mask(tokenizer, table)
     check_step(s["4. one optimizer step"])
 
+
+def test_dpo_from_checkpoint(base_dir, tokenizer, tmp_path):
+    """A depth-1 checkpoint saved here is loaded with --checkpoint; pairs from a user file."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, config_from_depth
+    torch.manual_seed(0)
+    config = config_from_depth(1, vocab_size=tokenizer.get_vocab_size(), sequence_len=64)
+    model = GPT(config)
+    model.init_weights()
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "tiny"), 7, model.state_dict(), None,
+                    {"step": 7, "model_config": config.__dict__})
+    data = tmp_path / "prefs.jsonl"
+    pairs = [{"prompt": "你好吗？", "chosen": "我很好，谢谢。", "rejected": "走开。"},
+             {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}]
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    out = run(base_dir, "--mode=dpo", "--checkpoint=chatsft_checkpoints/tiny", f"--data_path={data}",
+              "--device_batch_size=2", "--show_tokens=100")
+    s = sections(out)
+    assert "loaded " in s["1. setup"] and "chatsft_checkpoints/tiny step 7" in s["1. setup"]
+    batch = s["3. batch"]
+    rows, length = shapes(batch)["inputs"]
+    assert rows == 4 and shapes(batch) == {"inputs": (4, length), "targets": (4, length), "loss mask": (4, length)}
+    assert 'prompt "你好吗？"' in batch and 'chosen   reply: "我很好，谢谢。"' in batch and 'rejected reply: "走开。"' in batch
+    tables = token_tables(batch)
+    assert len(tables) == 2  # pair 0: its chosen row and its rejected row
+    for table in tables:
+        check_mask(tokenizer, table, final_only=True)
+    step = s["4. one optimizer step"]
+    before, after = check_step(step)
+    assert abs(before - math.log(2)) < 1e-5  # the policy starts as the reference
+    assert after < before and "reward accuracy" in step
