@@ -4,8 +4,8 @@ run samples, and the val fraction. Every training script writes dataset_stats.js
 config snapshot (config.json in the checkpoint directory), so a checkpoint says what it saw.
 
 Pretraining (corpus_stats): per `source` column of the parquet shards. Tokens are counted by
-tokenizing the train split up to `max_chars` characters and extrapolating with each source's
-bytes per token beyond that (marked "estimated"). Sampled documents = documents x epochs, the
+tokenizing the train split up to `max_chars` characters; beyond that each document counts as
+its source's mean (marked "estimated"), so a multi-GB corpus costs seconds, not minutes. Sampled documents = documents x epochs, the
 epochs of the run being the tokens it trains on / the train tokens (the shards are shuffled
 across sources, so every source is sampled at the same rate).
 
@@ -23,49 +23,42 @@ MAX_CHARS = 50_000_000  # tokenize at most this much text per run start (seconds
 
 
 def corpus_stats(data_dir, tokenizer, tokens_to_train, max_chars=MAX_CHARS):
-    """{source: {...}, "_run": {...}} for the parquet corpus in data_dir (default <base>/base_data)."""
+    """{source: {...}, "_run": {...}} for the parquet corpus in data_dir (default <base>/base_data).
+    Reads only the `source` column, plus the text of the first max_chars characters of train."""
     per_source, budget = {}, max_chars
     for split in ("train", "val"):
         for path in list_parquet_files(split, data_dir=data_dir):
-            table = pq.read_table(path, columns=["text", "source"])
-            texts, sources = table.column("text").to_pylist(), table.column("source").to_pylist()
-            counted = set()
-            if split == "train" and budget > 0:  # exact token counts for the first max_chars characters
-                take = []
-                for i, text in enumerate(texts):
-                    if budget <= 0:
-                        break
-                    take.append(i)
-                    budget -= len(text)
-                for i, ids in zip(take, tokenizer.encode([texts[i] for i in take])):
-                    s = per_source.setdefault(sources[i], _empty())
-                    s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
-                    s["counted_bytes"] += len(texts[i].encode("utf-8"))
-                counted = set(take)
-            for i, (text, source) in enumerate(zip(texts, sources)):
-                s = per_source.setdefault(source, _empty())
-                s[f"{split}_docs"] += 1
-                if split == "train":
-                    s["train_bytes"] += len(text.encode("utf-8")) if i not in counted else 0
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                sources = pf.read_row_group(rg, columns=["source"]).column("source").to_pylist()
+                for source in sources:
+                    per_source.setdefault(source, _empty())[f"{split}_docs"] += 1
+                if split == "train" and budget > 0:  # exact token counts while the budget lasts
+                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                    budget -= sum(map(len, texts))
+                    for source, ids in zip(sources, tokenizer.encode(texts)):
+                        s = per_source[source]
+                        s["counted_docs"] += 1
+                        s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
     return _finish_corpus(per_source, tokens_to_train)
 
 
 def _empty():
-    return {"train_docs": 0, "val_docs": 0, "counted_tokens": 0, "counted_bytes": 0, "train_bytes": 0}
+    return {"train_docs": 0, "val_docs": 0, "counted_docs": 0, "counted_tokens": 0}
 
 
 def _finish_corpus(per_source, tokens_to_train):
-    total_counted = sum(s["counted_tokens"] for s in per_source.values())
-    total_bytes = sum(s["counted_bytes"] for s in per_source.values())
-    default_bpt = total_bytes / total_counted if total_counted else 4.0
+    """Uncounted documents get their source's mean tokens per document (or the corpus mean)."""
+    all_docs = sum(s["counted_docs"] for s in per_source.values())
+    corpus_mean = sum(s["counted_tokens"] for s in per_source.values()) / all_docs if all_docs else 0.0
     out, train_tokens = {}, 0
     for source, s in sorted(per_source.items()):
-        bpt = s["counted_bytes"] / s["counted_tokens"] if s["counted_tokens"] else default_bpt
-        tokens = s["counted_tokens"] + round(s["train_bytes"] / bpt)  # uncounted bytes -> tokens at this source's rate
+        mean = s["counted_tokens"] / s["counted_docs"] if s["counted_docs"] else corpus_mean
+        tokens = s["counted_tokens"] + round(mean * (s["train_docs"] - s["counted_docs"]))
         train_tokens += tokens
         docs = s["train_docs"] + s["val_docs"]
         out[source] = {"documents": docs, "train_docs": s["train_docs"], "train_tokens": tokens,
-                       "tokens_estimated": s["train_bytes"] > 0, "bytes_per_token": round(bpt, 3),
+                       "tokens_estimated": s["counted_docs"] < s["train_docs"],
                        "val_fraction": round(s["val_docs"] / docs, 4) if docs else 0.0}
     epochs = tokens_to_train / train_tokens if train_tokens else 0.0
     for s in out.values():

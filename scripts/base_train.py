@@ -21,14 +21,16 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from nanochat import report
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
                              get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
 from nanochat.configurator import configure
+from nanochat.data_stats import corpus_stats, format_stats, write_stats
 from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
@@ -140,6 +142,12 @@ if resume or resume_from_step >= 0:
         print0(f"resumed from {checkpoint_dir} step {start_step}")
         del model_state, saved_train_state
 
+tokenizer_hash = tokenizer_fingerprint(tokenizer)
+if master:  # what this run trains on, per source, beside its config snapshot
+    dataset_stats = corpus_stats(data_dir or None, tokenizer, num_iterations * total_batch_size)
+    write_stats(checkpoint_dir, dataset_stats)
+    print0(format_stats(dataset_stats))
+
 train_loaders = [data_loader(device_batch_size, max_seq_len, "train", tokenizer, device,
                              lane=rank * grad_accum_steps + k, num_lanes=world_size * grad_accum_steps,
                              state=loader_states[k] if loader_states else None, data_dir=data_dir or None)
@@ -151,7 +159,7 @@ eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size
 def save(step):
     """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
     meta = {"step": step, "val_bpb": val_bpb, "model_config": model_config.__dict__, "config": user_config,
-            "tokenizer_vocab_size": vocab_size, "history": history}
+            "tokenizer_vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash, "history": history}
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, world_size * grad_accum_steps),
                     meta, rank=rank, keep_last=keep_last)
     if master:
@@ -241,4 +249,10 @@ while True:
 
 graceful.close()
 wandb_run.finish()
+if master and history["loss"]:
+    report.log_section("Base training", config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],
+                       metrics={"checkpoint": f"{checkpoint_dir} step {step}", "parameters": num_params,
+                                "active parameters": num_active_params, "steps": step, "tokens": step * total_batch_size,
+                                "final train loss": history["loss"][-1], "val bpb": val_bpb,
+                                "wall minutes": round((time.time() - t_start) / 60, 2)})
 compute_cleanup()
