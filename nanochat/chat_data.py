@@ -26,11 +26,13 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat import lora
+from nanochat import lora, report
 from nanochat.checkpoint_manager import (CheckpointError, find_last_step, list_steps, load_checkpoint, resolve_checkpoint,
                                          save_checkpoint, stage_dir)
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
+from nanochat.data_stats import format_stats, task_stats, write_stats
+from nanochat.tokenizer import tokenizer_fingerprint
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
@@ -238,10 +240,17 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
                      for k in range(grad_accum_steps)]
     loader_states = [dict(s) for s in loader_states] if loader_states else [None] * grad_accum_steps
 
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    if master:  # what this run trains on, per task, beside its config snapshot
+        epoch_rows = estimate_rows_per_epoch(train_task, tokenizer, T, pack)
+        stats = task_stats(train_task, val_task, tokenizer, round(num_iterations * rows_per_step * len(train_task) / epoch_rows))
+        write_stats(checkpoint_dir, stats)
+        print0(format_stats(stats))
+
     def save(step):
         """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
         meta = {"step": step, "val_loss": val_loss, "model_config": model_config, "config": user_config,
-                "tokenizer_vocab_size": tokenizer.get_vocab_size(), "history": history,
+                "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": tokenizer_hash, "history": history,
                 "num_iterations": num_iterations, "source": f"{source_dir} step {source_step}"}
         if lora_rank > 0:  # the adapter first: a complete checkpoint (meta written last) always has its adapter
             meta["lora"] = {"rank": lora_rank, "alpha": o["lora_alpha"], "targets": o["lora_targets"],
@@ -268,6 +277,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
     flops_per_token = orig_model.estimate_flops()
     t_start = time.time()
     step = start_step
+    last_metrics = {}
     while True:
         last_step = step == num_iterations
         if o["eval_every"] > 0 and (last_step or step % o["eval_every"] == 0) and (step > start_step or step == 0):
@@ -281,6 +291,7 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
             if extra_eval is not None and master:
                 with autocast:
                     metrics = extra_eval(orig_model, step)
+                last_metrics = metrics
             model.train()
             print0(f"step {step:05d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.3f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, "val/loss": val_loss, **{f"val/{k}": v for k, v in metrics.items()}})
@@ -315,5 +326,13 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
 
     graceful.close()
     wandb_run.finish()
+    if master and history["loss"]:
+        report_stage = {"mid": "MID", "chatsft": "SFT"}.get(stage)
+        report.log_section({"mid": "Mid-training", "chatsft": "Chat SFT"}.get(stage, stage), config=user_config,
+                           plots=[os.path.join(checkpoint_dir, "loss_curve.png")], stage=report_stage,
+                           metrics={"checkpoint": f"{checkpoint_dir} step {step}", "source": f"{source_dir} step {source_step}",
+                                    "steps": step, "final train loss": history["loss"][-1], "val loss": val_loss,
+                                    **last_metrics, "wall minutes": round((time.time() - t_start) / 60, 2)},
+                           summary={"val loss": val_loss} if val_loss is not None else {})
     compute_cleanup()
     return orig_model
