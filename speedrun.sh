@@ -145,7 +145,9 @@ esac
 # every stage names its checkpoints by this tag, so other models in the base dir are never picked up
 case "$MODE" in smoke) TAG=d2 ;; cpu) TAG=d4 ;; gpu) TAG=d20 ;; esac
 [ -n "${DEPTH:-}" ] && BASE_ARGS+=("--depth=$DEPTH") && TAG="d$DEPTH"
-[ "${USE_MOE:-false}" = true ] && BASE_ARGS+=(--n_experts=4 --experts_per_token=1 --shared_expert=True)
+if [ "${USE_MOE:-false}" = true ]; then  # base_train tags MoE runs d<depth>_moe<experts>x<top-k>
+  BASE_ARGS+=(--n_experts=4 --experts_per_token=1 --shared_expert=True); TAG="${TAG}_moe4x1"
+fi
 [ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
 [ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
 
@@ -191,7 +193,8 @@ run_stage chat_sft "${LAUNCH[@]}" scripts.chat_sft "${SFT_ARGS[@]}" "--mid_check
 run_stage chat_eval_sft "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatsft_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
 run_stage chat_dpo "${LAUNCH[@]}" scripts.chat_dpo "${DPO_ARGS[@]}" "--sft_checkpoint=chatsft_checkpoints/$TAG" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
-run_stage chat_rl "${LAUNCH[@]}" scripts.chat_rl "${RL_ARGS[@]}" "--checkpoint=chatdpo_checkpoints/$TAG" \
+run_stage chat_eval_dpo "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatdpo_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+run_stage chat_rl "${LAUNCH[@]}" scripts.chat_rl "${RL_ARGS[@]}" "--sft_checkpoint=chatdpo_checkpoints/$TAG" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
 run_stage chat_eval_rl "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatrl_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
 
