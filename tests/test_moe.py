@@ -5,6 +5,7 @@ weights, gradients, capacity, optimizers, KV-cached decoding, checkpoints, base_
 Run: python -m pytest tests/test_moe.py -q   (CPU, tiny models, about 15 s)
 """
 import json
+import re
 import os
 import subprocess
 import sys
@@ -355,3 +356,20 @@ def test_base_train_moe_options_and_checkpoint(tiny_base_dir):
     c = meta["model_config"]
     assert (c["n_experts"], c["experts_per_token"], c["shared_expert"], c["moe_aux_loss_coef"]) == (4, 1, True, 0.02)
     assert isinstance(model.transformer.h[0].mlp, MoE) and model.transformer.h[0].mlp.shared is not None
+
+
+@pytest.mark.slow
+def test_base_train_moe_ddp_matches_one_process(tiny_base_dir):
+    """torchrun with 2 ranks (DistMuon on the expert stacks, DistAdamW on the routers) gives the
+    losses of 1 process with 2 accumulation micro-batches."""
+    args = ["--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--total_batch_size=128", "--num_iterations=4",
+            "--eval_every=-1", "--eval_tokens=64", "--sample_every=-1", "--n_experts=4", "--experts_per_token=2",
+            "--shared_expert=True"]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": tiny_base_dir, "OMP_NUM_THREADS": "1"}
+    outputs = []
+    for launcher, tag in [([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "two")]:
+        cmd = [sys.executable, *launcher, "-m", "scripts.base_train", *args, f"--model_tag=ddp_{tag}"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        outputs.append([float(v) for v in re.findall(r"^step \d+/\d+ .*\| loss ([0-9.]+) ", proc.stdout, re.M)])
+    assert len(outputs[0]) == 4 and outputs[0] == pytest.approx(outputs[1], abs=1e-5)

