@@ -276,8 +276,9 @@ class ReplyText:
         decoded = tokenizer.decode(self.run)
         if not final:
             decoded = decoded.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
-        new = decoded[len(self.shown):] if decoded.startswith(self.shown) else ""
-        self.shown = decoded if new or decoded.startswith(self.shown) else self.shown
+        if not decoded.startswith(self.shown):
+            return ""  # a later byte changed how earlier ones decode: what was sent stays sent
+        new, self.shown = decoded[len(self.shown):], decoded
         return new
 
     def _call(self):
@@ -515,6 +516,9 @@ async def chat_completions(request: Request):
     if settings["seed"] is None:
         settings["seed"] = secrets.randbits(63)
     worker = await take_worker()
+    if await request.is_disconnected():  # gave up while queued: do not generate for nobody
+        free_workers.put_nowait(worker)
+        return Response(status_code=499)
     events, cancelled = asyncio.Queue(), threading.Event()
 
     def emit(*event):
@@ -560,15 +564,18 @@ async def chat_completions(request: Request):
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    pieces = []
+    pieces, next_check = [], time.monotonic() + 0.5
     try:
         while True:
             try:
                 kind, *payload = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                kind = None
+            if time.monotonic() >= next_check:  # twice a second: is the client still there?
+                next_check = time.monotonic() + 0.5
                 if await request.is_disconnected():
-                    cancelled.set()
-                    return Response(status_code=499)
+                    return Response(status_code=499)  # the finally below stops the thread
+            if kind is None:
                 continue
             if kind == "text":
                 pieces.append(payload[0])

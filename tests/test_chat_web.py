@@ -360,6 +360,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_worker(slow_server):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == HELLO_REPLY
     assert time.time() - t0 < 3.5  # ~12 tokens at 0.1 s: served at once, not after the abandoned reply
 
+    # the same for a non-streaming request whose client gives up (its handler polls for the disconnect)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_server.url + "/v1/chat/completions", timeout=httpx.Timeout(30, read=0.8),
+                   json={"model": "m", "messages": COUNT, "temperature": 0, "max_tokens": 100})
+    assert wait_until_idle(slow_server, 2.0) < 2.0
+
 
 def test_a_request_waiting_past_the_queue_timeout_gets_503_with_retry_after(slow_server):
     client, cm, lines = start_count_stream(slow_server)  # holds the only worker for ~4 s
