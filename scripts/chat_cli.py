@@ -7,6 +7,8 @@ Talk to a chat model in the terminal, the reply streaming as it is generated.
 
 In the chat: /clear starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the
 reply being written (at the prompt it just clears the line). Calculator calls show as [calc: 12+30 = 42].
+A reasoning model's <think> ... </think> block is hidden unless --open_thinking (then it is shown
+between the markers, before the answer).
 """
 import os
 import sys
@@ -32,6 +34,7 @@ top_k = 50                     # -k; 0: off
 top_p = 1.0                    # 1.0: off
 repetition_penalty = 1.0
 max_tokens = 256               # per reply
+open_thinking = False          # show the model's <think> ... </think> reasoning (hidden by default)
 seed = 42
 device_type = ""               # cuda | mps | cpu; empty: autodetect
 configure(globals(), aliases={"p": "prompt", "t": "temperature", "k": "top_k"})
@@ -68,29 +71,44 @@ max_context = 10 * model.config.sequence_len  # the rotary table's length
 
 class ReplyPrinter:
     """Prints a reply's tokens as they come: text incrementally (decoding the growing token list,
-    so multi-byte characters print whole), a calculator call as [calc: expr = result]."""
+    so multi-byte characters print whole), a calculator call as [calc: expr = result]. A
+    <think> ... </think> block is printed with its markers when open_thinking, else not at all."""
 
-    def __init__(self):
+    def __init__(self, open_thinking=False):
         self.text, self.printed = [], ""  # current text run and what of it is on screen
         self.expr, self.output, self.mode = [], [], "text"
+        self.open_thinking, self.thinking = open_thinking, False
+
+    def _print(self, text):
+        if self.open_thinking or not self.thinking:
+            print(text, end="", flush=True)
 
     def _flush_text(self, final=False):
         decoded = tokenizer.decode(self.text)
         if not final:
             decoded = decoded.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
-        print(decoded[len(self.printed):], end="", flush=True)
+        self._print(decoded[len(self.printed):])
         self.printed = decoded
 
     def _end_call(self):
         expr = tokenizer.decode(self.expr).strip()
         result = tokenizer.decode(self.output).strip() if self.output else "?"
-        print(f"[calc: {expr} = {result}]", end="", flush=True)
+        self._print(f"[calc: {expr} = {result}]")
         self.expr, self.output, self.mode = [], [], "text"
 
     def add(self, token):
         if self.mode == "called" and token != special["<|output_start|>"]:
             self._end_call()  # the calculator refused the expression: no output follows
-        if token == special["<|python_start|>"]:
+        if token in (special["<think>"], special["</think>"]):
+            self._flush_text(final=True)
+            self.text, self.printed = [], ""
+            if token == special["<think>"]:
+                self.thinking = True
+                self._print("<think>")
+            else:
+                self._print("</think>\n")
+                self.thinking = False
+        elif token == special["<|python_start|>"]:
             self._flush_text(final=True)
             self.text, self.printed, self.mode = [], "", "expr"
         elif token == special["<|python_end|>"]:
@@ -111,13 +129,16 @@ class ReplyPrinter:
         if self.mode != "text":
             self._end_call()
         self._flush_text(final=True)
+        if self.thinking and not self.open_thinking:  # the reply ended inside a hidden block
+            self.thinking = False
+            self._print("[thinking not finished; --open_thinking shows it]")
         print(flush=True)
 
 
 def reply(conversation, header=""):
     """Generate the assistant's turn after `conversation` (token ids ending in <|assistant_start|>),
     streaming it after `header`; returns the ids to append (always ending in <|assistant_end|>)."""
-    printer, generated = ReplyPrinter(), []
+    printer, generated = ReplyPrinter(open_thinking), []
     budget = min(max_tokens, max_context - len(conversation))
     try:
         print(header, end="", flush=True)

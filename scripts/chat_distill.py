@@ -1,0 +1,379 @@
+"""
+Distillation: train a smaller student on the data and on a bigger teacher's next-token
+distributions, loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) (nanochat/distill.py),
+or fine-tune on <think> ... </think> reasoning traces with those tokens up-weighted.
+
+    # knowledge distillation on the pretraining corpus; val bpb is the measure
+    python -m scripts.chat_distill --teacher=base_checkpoints/d4 --depth=2 --num_iterations=100
+    # the same student, same data and steps, without a teacher (the baseline): alpha = 1
+    python -m scripts.chat_distill --from_scratch --depth=2 --num_iterations=100
+    # on conversations (assistant tokens only), the student starting from a distilled base
+    python -m scripts.chat_distill --mode=chat --teacher=chatsft_checkpoints/d4 --init_checkpoint=distill_checkpoints/d2
+    # reasoning traces (nanochat/tasks/reasoning.py) on a chat model, <think> / </think> weighted x10
+    python -m scripts.chat_distill --mode=reasoning --init_checkpoint=chatsft_checkpoints/d4 --init_lr_frac=0.1
+    python -m scripts.chat_distill ... --resume                  # continue the newest checkpoint of the tag
+
+Modes: base (data_loader rows of the pretraining shards; eval: val bits per byte), chat (the SFT mix
+of conversations; eval: val loss per assistant token), reasoning (Reasoning traces; eval: val loss
+and greedy accuracy on held-out problems). The student is new (--depth, --aspect_ratio or --n_embd,
+--n_kv_head) or starts from --init_checkpoint. Teacher and student must share the tokenizer: checked
+against the checkpoints' records, with an error naming both. Writes distill_checkpoints/<tag>
+(default d<depth>[_scratch][_<mode>]); Ctrl-C saves, --resume continues exactly.
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # also runnable as `python scripts/chat_distill.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataclasses
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat import report, tasks
+from nanochat.chat_data import conversation_batches, conversation_eval_batches, evaluate_loss
+from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint,
+                                         resolve_checkpoint, save_checkpoint, stage_dir)
+from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_base_dir,
+                             get_peak_flops, init_wandb, print0, seed_everything)
+from nanochat.configurator import configure
+from nanochat.dataloader import data_loader
+from nanochat.distill import (TokenizerMismatchError, check_same_tokenizer, checkpoint_tokenizer_identity,
+                              model_distill_loss, token_weights, tokenizer_identity)
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tasks.reasoning import Reasoning
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
+                               write_json_atomic)
+
+# ----------------------------------------------------------------------------- defaults
+run = "dummy"                  # wandb run name; "dummy" logs nowhere
+use_dummy_wandb = False
+device_type = ""               # cuda | mps | cpu; empty: autodetect
+mode = "base"                  # base (pretraining text) | chat (conversations) | reasoning (<think> traces)
+teacher = ""                   # teacher checkpoint, e.g. base_checkpoints/d4; required unless from_scratch (or reasoning)
+from_scratch = False           # no teacher: alpha = 1 (plain CE), the baseline for the same student
+alpha = 0.5                    # weight of the hard (data) loss; 1 - alpha on the teacher's soft targets
+temperature = 2.0              # softens both distributions in the KL term (scaled back by T^2)
+special_token_weight = 10.0    # loss weight of <think> / </think> targets (1 elsewhere)
+# student: a new model of this shape, or the weights of init_checkpoint
+init_checkpoint = ""           # start the student from this checkpoint (its architecture) instead
+depth = 2
+aspect_ratio = 64              # width = aspect_ratio * depth ...
+n_embd = 0                     # ... unless given here
+n_kv_head = 0                  # 0: as many as query heads
+max_seq_len = 0                # 0: the teacher's (else init checkpoint's, else 256) sequence length
+# optimization
+num_iterations = 100
+device_batch_size = 16         # rows of max_seq_len tokens per forward pass
+total_batch_size = 8192        # tokens per optimizer step (rows x max_seq_len): sets gradient accumulation
+embedding_lr = 0.2
+unembedding_lr = 0.004
+matrix_lr = 0.02
+init_lr_frac = 1.0             # times the lrs above; lower it when continuing a trained checkpoint
+weight_decay = 0.0
+grad_clip = 1.0                # 0 disables clipping
+warmup_ratio = 0.0
+warmdown_ratio = 0.4
+final_lr_frac = 0.0
+# evaluation, checkpoints
+eval_every = 50                # every N steps and at the end; -1: only at the end
+eval_tokens = 131072           # base mode: val tokens for bits per byte
+eval_examples = 200            # chat / reasoning: val conversations for the val loss
+eval_problems = 50             # reasoning: held-out problems for the greedy accuracy; 0: none
+eval_max_tokens = 192
+save_every = -1                # -1: only at the end (and on Ctrl-C)
+keep_last = 2
+model_tag = ""                 # default d<depth>[_scratch][_<mode>]
+resume = False
+seed = 42
+max_memory_frac = 0.9
+data_dir = ""                  # base mode: default <base>/base_data
+# conversation data
+pack = True                    # chat / reasoning: pack several conversations per row
+generated_examples = 2000      # chat: arithmetic and spelling problems each
+identity_examples = 500        # chat
+chitchat_examples = 0          # chat: a slice of chitchat-dataset; 0: none
+reasoning_examples = 20000     # reasoning: training traces
+user_config = configure(globals())
+# -----------------------------------------------------------------------------
+
+if mode not in ("base", "chat", "reasoning"):
+    raise SystemExit(f"chat_distill: --mode must be base, chat or reasoning, got {mode!r}")
+if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+    raise SystemExit(f"chat_distill: need 0 <= alpha <= 1 and temperature > 0 (got alpha={alpha}, temperature={temperature})")
+if from_scratch:
+    teacher, alpha = "", 1.0
+elif not teacher and mode != "reasoning":
+    raise SystemExit("chat_distill: give --teacher=<checkpoint> (e.g. base_checkpoints/d4), or --from_scratch for the "
+                     "no-teacher baseline")
+if not teacher:
+    alpha = 1.0
+
+device_type = device_type or autodetect_device_type()
+ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master = rank == 0
+seed_everything(seed)
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
+
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+identity = tokenizer_identity(tokenizer)
+tokenizer_name = f"(tokenizer {os.path.join(get_base_dir(), 'tokenizer')})"
+
+
+def load(arg, what):
+    try:
+        directory, step = resolve_checkpoint(arg)
+        model, meta = build_model(directory, step, device, phase="train" if what == "student" else "eval")
+    except CheckpointError as e:
+        raise SystemExit(f"chat_distill: {what}: {e}") from None
+    return model, meta, f"{os.path.relpath(directory, get_base_dir())} step {step}"
+
+
+def require_same_tokenizer(a_name, a_ident, b_name, b_ident):
+    try:
+        return check_same_tokenizer(a_name, a_ident, b_name, b_ident)
+    except TokenizerMismatchError as e:
+        raise SystemExit(f"chat_distill: {e}") from None
+
+
+# ----------------------------------------------------------------------------- teacher
+teacher_model, teacher_desc = None, None
+if teacher:
+    teacher_model, teacher_meta, teacher_desc = load(teacher, "teacher")
+    teacher_model.requires_grad_(False)
+    checked = require_same_tokenizer(teacher_desc, checkpoint_tokenizer_identity(teacher_meta),
+                                     f"{tokenizer_name} (the student's)", identity)
+    print0(f"teacher: {teacher_desc} | {teacher_model.config} | {teacher_model.num_params():,} params | "
+           f"tokenizer checked by {checked}")
+
+# ----------------------------------------------------------------------------- student
+default_T = teacher_model.config.sequence_len if teacher_model is not None else 256
+if init_checkpoint:
+    student_source, source_meta, student_desc = load(init_checkpoint, "student")
+    require_same_tokenizer(f"{tokenizer_name} (this run's)", identity, student_desc, checkpoint_tokenizer_identity(source_meta))
+    if teacher_model is not None:
+        require_same_tokenizer(teacher_desc, checkpoint_tokenizer_identity(teacher_meta), student_desc,
+                               checkpoint_tokenizer_identity(source_meta))
+    model_config = student_source.config
+    default_T = max_seq_len or model_config.sequence_len
+else:
+    width = n_embd or aspect_ratio * depth
+    model_config = dataclasses.replace(config_from_depth(1, vocab_size, max_seq_len or default_T, aspect_ratio=width,
+                                                         n_kv_head=n_kv_head or None), n_layer=depth)
+T = max_seq_len or default_T
+model_config = dataclasses.replace(model_config, sequence_len=T)
+tag = model_tag or f"d{model_config.n_layer}" + ("_scratch" if from_scratch else "") + ("" if mode == "base" else f"_{mode}")
+checkpoint_dir = os.path.join(stage_dir("distill"), tag)
+resume_step = find_last_step(checkpoint_dir) if resume else None
+if resume and resume_step is None:
+    print0(f"resume: no checkpoint in {checkpoint_dir}, starting from the beginning")
+if resume_step is not None:
+    model, _ = build_model(checkpoint_dir, resume_step, device, phase="train")
+    model_config = model.config
+elif init_checkpoint:
+    model = student_source
+else:
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+num_params = model.num_params()
+flops_per_token = model.estimate_flops()
+
+tokens_per_micro_step = device_batch_size * T * world_size
+if total_batch_size % tokens_per_micro_step:
+    raise SystemExit(f"chat_distill: total_batch_size {total_batch_size} must be a multiple of "
+                     f"device_batch_size*max_seq_len*world_size = {tokens_per_micro_step}")
+grad_accum_steps = total_batch_size // tokens_per_micro_step
+num_lanes = world_size * grad_accum_steps
+print0(f"student: {model_config} | {num_params:,} params" + (f" | from {student_desc}" if init_checkpoint else ""))
+print0(f"mode {mode} | alpha {alpha} | temperature {temperature} | batch: {total_batch_size:,} tokens = "
+       f"{device_batch_size} x {T} x {world_size} ranks x {grad_accum_steps} accum | steps: {num_iterations}")
+
+optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                    weight_decay=weight_decay)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * init_lr_frac
+
+start_step, loader_states = 0, None
+history = {"step": [], "loss": [], "ce": [], "kl": [], "val_step": [], "val": []}
+val_metric = None
+if resume_step is not None:
+    _, saved_train_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+    loader_states = restore_train_state(saved_train_state, optimizers, num_lanes)
+    start_step, history, val_metric = meta["step"], meta["history"], meta.get("val")
+    print0(f"resumed from {checkpoint_dir} step {start_step}")
+    del saved_train_state
+
+# ----------------------------------------------------------------------------- data
+think_ids = [tokenizer.encode_special("<think>"), tokenizer.encode_special("</think>")]
+if mode == "base":
+    def train_loader(lane, state):
+        return data_loader(device_batch_size, T, "train", tokenizer, device, lane=lane, num_lanes=num_lanes,
+                           state=state, data_dir=data_dir or None)
+    eval_steps = max(1, eval_tokens // tokens_per_micro_step)
+else:
+    if mode == "chat":
+        def mix(split, n):
+            sources = [tasks.Identity(split, size=min(n, identity_examples)), tasks.Arithmetic(split, size=n),
+                       tasks.Spelling(split, size=n)]
+            if chitchat_examples:
+                sources.append(tasks.ChitChat(split, stop=chitchat_examples))
+            return tasks.TaskMixture([s for s in sources if len(s)], seed=seed)
+        train_task, val_task = mix("train", generated_examples), mix("test", eval_examples)
+    else:
+        train_task, val_task = Reasoning("train", size=reasoning_examples), Reasoning("test", size=eval_examples)
+
+    def train_loader(lane, state):
+        return conversation_batches(train_task, tokenizer, device_batch_size, T, device, lane=lane, num_lanes=num_lanes,
+                                    state=state, pack=pack)
+train_loaders = [train_loader(rank * grad_accum_steps + k, loader_states[k] if loader_states else None)
+                 for k in range(grad_accum_steps)]
+loader_states = [dict(s) for s in loader_states] if loader_states else [None] * grad_accum_steps
+reasoning_eval = Reasoning("test", size=eval_problems) if mode == "reasoning" and eval_problems > 0 else None
+val_name = "val bpb" if mode == "base" else "val loss"
+
+
+def evaluate(m):
+    """Base: val bits per byte. Chat / reasoning: val loss per assistant token."""
+    m.eval()
+    if mode == "base":
+        val_loader = data_loader(device_batch_size, T, "val", tokenizer, device, lane=rank, num_lanes=world_size,
+                                 data_dir=data_dir or None)
+        with autocast:
+            value = evaluate_bpb(m, val_loader, eval_steps, token_bytes)
+    else:
+        batches = conversation_eval_batches(val_task, tokenizer, device_batch_size, T, device, lane=rank,
+                                            num_lanes=world_size, max_examples=eval_examples)
+        value = evaluate_loss(m, batches, device, autocast)
+    m.train()
+    return value
+
+
+def reasoning_accuracy(m):
+    """Greedy completions of the held-out reasoning problems (thinking included) -> fraction correct."""
+    m.eval()
+    engine = Engine(m, tokenizer)
+    correct = 0
+    for conversation in reasoning_eval:
+        with autocast:
+            out, _ = engine.generate_batch(tokenizer.render_for_completion(conversation), max_tokens=eval_max_tokens,
+                                           temperature=0.0)
+        correct += reasoning_eval.evaluate(conversation, tokenizer.decode(out[0]))
+    m.train()
+    return correct / len(reasoning_eval)
+
+
+def all_reduce_sum(t):
+    if ddp:
+        dist.all_reduce(t)
+    return t
+
+
+def save(step):
+    """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
+    meta = {"step": step, "val": val_metric, val_name.replace(" ", "_"): val_metric, "mode": mode,
+            "model_config": dataclasses.asdict(model_config), "config": user_config, "tokenizer_vocab_size": vocab_size,
+            "tokenizer_hash": identity["tokenizer_hash"], "token_bytes_sha256": identity["token_bytes_sha256"],
+            "teacher": teacher_desc, "alpha": alpha, "temperature": temperature, "history": history,
+            "num_iterations": num_iterations}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), train_state(optimizers, loader_states, num_lanes),
+                    meta, rank=rank, keep_last=keep_last)
+    if master:
+        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "alpha": alpha, "teacher": teacher})
+        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
+                        f"distill {tag}: train loss", val_steps=history["val_step"], val_values=history["val"],
+                        val_label=val_name)
+    print0(f"saved {checkpoint_dir} step {step}")
+
+
+# ----------------------------------------------------------------------------- training loop
+teacher_val = None
+if teacher_model is not None and master and mode == "base":
+    teacher_val = evaluate(teacher_model)
+    print0(f"teacher {val_name}: {teacher_val:.4f}")
+graceful = GracefulExit()
+memory_guard = MemoryGuard(max_memory_frac)
+eta = ETA(total_steps=num_iterations, start_step=start_step)
+peak_flops = get_peak_flops(device)
+accuracy = None
+t_start = time.time()
+step = start_step
+while True:
+    last_step = step == num_iterations
+    if last_step or (eval_every > 0 and step % eval_every == 0 and step > start_step) or (step == 0 and eval_every > 0):
+        val_metric = evaluate(model)
+        history["val_step"].append(step)
+        history["val"].append(val_metric)
+        line = f"step {step:05d} | {val_name} {val_metric:.4f}"
+        if reasoning_eval is not None and master:
+            accuracy = reasoning_accuracy(model)
+            line += f" | reasoning acc {accuracy:.3f}"
+        print0(line)
+        wandb_run.log({"step": step, f"val/{val_name.split()[1]}": val_metric})
+
+    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+        break
+
+    # one optimization step; the loss is per unit of token weight over the whole step (all ranks)
+    t0 = time.time()
+    batches = []
+    for k in range(grad_accum_steps):
+        x, y, loader_states[k] = next(train_loaders[k])
+        batches.append((x, y, token_weights(y, think_ids, special_token_weight)))
+    total_weight = all_reduce_sum(sum(w.sum() for _, _, w in batches).float()).clamp(min=1e-6)
+    sums = torch.zeros(3, device=device)
+    for x, y, w in batches:
+        with autocast:
+            loss_sum, ce_sum, kl_sum = model_distill_loss(model, teacher_model, x, y, w, alpha, temperature)
+        (loss_sum * (world_size / total_weight)).backward()  # the distributed optimizers average over ranks
+        sums += torch.stack([loss_sum.detach(), ce_sum, kl_sum]).float()
+    if grad_clip > 0:
+        clip_grad_norm(model, optimizers, grad_clip)
+    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
+    set_schedule(optimizers, lrm, step)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    loss_value, ce_value, kl_value = (all_reduce_sum(sums) / total_weight).tolist()  # syncs: honest timing
+    dt = time.time() - t0
+    eta.update(dt)
+    step += 1
+
+    tok_per_sec = total_batch_size / dt
+    mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+    history["step"].append(step)
+    history["loss"].append(loss_value)
+    history["ce"].append(ce_value)
+    history["kl"].append(kl_value)
+    print0(format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta)
+           + f" | ce {ce_value:.4f} | kl {kl_value:.4f}")
+    wandb_run.log({"step": step, "train/loss": loss_value, "train/ce": ce_value, "train/kl": kl_value, "train/lrm": lrm})
+
+graceful.close()
+wandb_run.finish()
+if master and step == num_iterations:
+    summary = {val_name: round(val_metric, 4)} if val_metric is not None else {}
+    metrics = {"mode": mode, "teacher": teacher_desc or "none (from scratch)", "alpha": alpha, "temperature": temperature,
+               "student params": num_params, "steps": step, val_name: val_metric}
+    if teacher_val is not None:
+        metrics[f"teacher {val_name}"] = teacher_val
+    if accuracy is not None:
+        metrics["reasoning acc"] = summary["reasoning acc"] = accuracy
+    # the no-teacher baseline gets a section of its own but not the DISTILL row of the summary table
+    title = f"Distillation baseline ({mode}, {tag})" if from_scratch else f"Distillation ({mode}, {tag})"
+    report.log_section(title, metrics=metrics, config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],
+                       stage=None if from_scratch else "DISTILL", summary=summary)
+compute_cleanup()
