@@ -146,6 +146,11 @@ def message_text(i, msg):
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, "
                             f"got {type(content).__name__}", param=f"messages[{i}].content", code="invalid_type")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no text
+        raise ApiError(400, f"messages[{i}].content is not valid Unicode text (a lone surrogate)",
+                       param=f"messages[{i}].content", code="invalid_value") from None
     if not content.strip():
         raise ApiError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content", code="empty_message")
     if len(content) > max_message_chars:
@@ -236,7 +241,7 @@ def render_prompt(conversation, settings):
     try:
         prompt = tokenizer.render_for_completion({"conversations": conversation})
     except ValueError as e:  # order of roles, a system message not first, ...
-        raise ApiError(400, f"messages: {e}", param="messages", code="invalid_order") from None
+        raise ApiError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
     room = context_len - len(prompt)
     if room < 1:
         raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {context_len} "
@@ -255,8 +260,8 @@ def render_prompt(conversation, settings):
 class Worker:
     """One engine (its own model copy) and the settings its thread generates with."""
 
-    def __init__(self, index, model, device):
-        self.index, self.device = index, device
+    def __init__(self, model, device):
+        self.device = device
         self.engine = Engine(model, tokenizer)
         dtype = compute_dtype(device.type)
         self.autocast = (lambda: torch.amp.autocast(device_type=device.type, dtype=dtype)) \
@@ -418,8 +423,8 @@ context_len = max_context or first_model.config.sequence_len
 # each worker its own model copy: the engine holds no per-request state, but a model used by
 # two threads at once would interleave their KV caches' positions
 workers, seen_devices = [], set()
-for i, d in enumerate(devices):
-    workers.append(Worker(i, models[d] if d not in seen_devices else copy.deepcopy(models[d]), d))
+for d in devices:
+    workers.append(Worker(models[d] if d not in seen_devices else copy.deepcopy(models[d]), d))
     seen_devices.add(d)
 rel = os.path.relpath(checkpoint_dir, get_base_dir())
 model_name = f"nanochat-{rel.replace(os.sep, '-').replace('_checkpoints', '')}-step{step}"

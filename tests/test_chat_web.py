@@ -259,6 +259,8 @@ BAD_REQUESTS = [  # (name, raw body, status, a word the message must contain)
     ("content not a string", body(messages=[{"role": "user", "content": 5}]), 400, "string"),
     ("content missing", body(messages=[{"role": "user"}]), 400, "content"),
     ("empty content", body(messages=[{"role": "user", "content": "  "}]), 400, "empty"),
+    ("lone surrogate", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "surrogate"),
+    ("null content", body(messages=HELLO + [{"role": "assistant", "content": None}] + HELLO), 400, "NoneType"),
     ("image part", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      400, "text"),
     ("ends with assistant", body(messages=HELLO + [{"role": "assistant", "content": "hi"}]), 400, "last message"),
