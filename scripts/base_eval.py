@@ -42,6 +42,7 @@ random_init = False           # score a freshly initialised model of the checkpo
 seed = 42                     # for random_init
 bpb = False                   # also the val bits per byte of the checkpoint
 bpb_tokens = 131072
+bpb_batch_size = 16           # rows per forward for bpb
 data_dir = ""                 # pretraining shards for bpb; empty: <base>/base_data
 output = ""                   # results JSON; empty: <base>/base_eval/<tag>_<step>[_random].json
 user_config = configure(globals())
@@ -110,8 +111,8 @@ if bpb:
     from nanochat.dataloader import data_loader
     from nanochat.loss_eval import evaluate_bpb
     seq_len = model.config.sequence_len
-    steps = max(1, bpb_tokens // (16 * seq_len * world_size))
-    loader = data_loader(16, seq_len, "val", tokenizer, device, lane=rank, num_lanes=world_size, data_dir=data_dir or None)
+    steps = max(1, bpb_tokens // (bpb_batch_size * seq_len * world_size))
+    loader = data_loader(bpb_batch_size, seq_len, "val", tokenizer, device, lane=rank, num_lanes=world_size, data_dir=data_dir or None)
     with autocast:
         val_bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device))
     print0(f"val bpb: {val_bpb:.4f}")

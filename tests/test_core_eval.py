@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,7 @@ import zipfile
 from dataclasses import asdict
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,6 +298,9 @@ def base_dir(tmp_path_factory):
     os.symlink(real, base / "package_cache" / wheel)
     texts = ["The man turned on the faucet. Water flowed from the spout because it was open."] * 20 + \
             ["Sarah was a much better surgeon than Maria so she always got the easier cases."] * 20
+    (base / "base_data").mkdir()
+    pq.write_table(pa.table({"text": texts, "source": ["test"] * len(texts)}), str(base / "base_data" / "val_00000.parquet"))
+    pq.write_table(pa.table({"text": texts, "source": ["test"] * len(texts)}), str(base / "base_data" / "train_00000.parquet"))
     tokenizer = RustBPETokenizer.train_from_iterator(texts, 300)
     tokenizer.save(str(base / "tokenizer"))
     model = tiny_gpt(vocab=tokenizer.get_vocab_size())
@@ -315,7 +320,7 @@ def run_base_eval(base_dir, args, tmp_path):
 
 
 def test_base_eval_script_end_to_end(base_dir, tmp_path):
-    out = run_base_eval(base_dir, [f"--output={tmp_path / 'r.json'}"], tmp_path)
+    out = run_base_eval(base_dir, [f"--output={tmp_path / 'r.json'}", "--bpb", "--bpb_tokens=64", "--bpb_batch_size=2"], tmp_path)
     assert "transformers is not installed" in out and "| copa | multiple_choice | 0 |" in out
     assert "missing: winograd" in out
     result = json.loads((tmp_path / "r.json").read_text())
@@ -326,6 +331,8 @@ def test_base_eval_script_end_to_end(base_dir, tmp_path):
     sections = [json.loads((sdir / f).read_text()) for f in os.listdir(sdir) if f.endswith(".json")]
     base = [s for s in sections if s.get("stage") == "BASE"]
     assert base and math.isclose(base[0]["summary"]["CORE"], result["core"])
+    bpb = float(re.search(r"val bpb: ([0-9.]+)", out).group(1))
+    assert 0 < bpb < 20 and math.isclose(base[0]["metrics"]["val bpb"], bpb, rel_tol=1e-3)
     # the same on a freshly initialised model: marked random, never the BASE summary row
     out = run_base_eval(base_dir, ["--random_init", f"--output={tmp_path / 'rand.json'}"], tmp_path)
     assert "RANDOM INIT" in out and json.loads((tmp_path / "rand.json").read_text())["random_init"] is True
