@@ -420,8 +420,8 @@ if first_model.config.vocab_size != vocab_size:
     sys.exit(f"chat_web: {checkpoint_dir} has vocab size {first_model.config.vocab_size}, the tokenizer in "
              f"{os.path.join(get_base_dir(), 'tokenizer')} has {vocab_size}")
 context_len = max_context or first_model.config.sequence_len
-# each worker its own model copy: the engine holds no per-request state, but a model used by
-# two threads at once would interleave their KV caches' positions
+# each worker its own model copy: every request has its own KV cache, but a forward also writes
+# module attributes (a MoE layer's aux_loss), so two threads never share a model
 workers, seen_devices = [], set()
 for d in devices:
     workers.append(Worker(models[d] if d not in seen_devices else copy.deepcopy(models[d]), d))
