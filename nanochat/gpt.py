@@ -238,7 +238,7 @@ class MoE(nn.Module):
         self.w_fc = nn.Parameter(torch.empty(self.n_experts, hidden, d))
         self.w_proj = nn.Parameter(torch.empty(self.n_experts, d, hidden))
         self.shared = MLP(config, hidden) if config.shared_expert else None
-        self.aux_loss = None
+        self.aux_loss = self.load = None  # of the last forward
 
     @torch.no_grad()
     def init_weights(self):
@@ -263,7 +263,7 @@ class MoE(nn.Module):
         (N, d), E, k = x.shape, self.n_experts, self.top_k
         top_e, gates, probs = self.route(x)
         expert = top_e.flatten()  # assignment a = (token a // k, its (a % k)-th choice)
-        load = torch.bincount(expert, minlength=E)
+        self.load = load = torch.bincount(expert, minlength=E)  # kept for logging (and the bench's padding figure)
         self.aux_loss = E * (load.float() / (N * k) * probs.mean(dim=0)).sum()
         # dispatch: group the assignments by expert; slot = position inside the expert's bucket
         order = expert.argsort(stable=True)

@@ -8,9 +8,12 @@ Equal active parameters: each of the experts_per_token (+ shared) experts a toke
 hidden width 4 * n_embd / (experts_per_token + shared), so its MLP work per token equals the
 dense MLP's; the MoE model holds n_experts / experts_per_token times the MLP weights. The
 difference in tok/s is then the price of routing (router, sort, bucket copies, padding).
-The two models take their steps alternately, so a busy machine slows both alike.
+The two models take their steps alternately, so a busy machine slows both alike, and both
+wall-clock and CPU-time tok/s are printed (CPU time, of the whole process, hardly depends on
+what else runs on the machine; with --threads=1 it is the work itself).
 
     python -m scripts.bench_moe                                   # depth 4, 4 experts top-1 vs dense
+    python -m scripts.bench_moe --threads=1 --steps=30            # a shared, busy machine
     python -m scripts.bench_moe --n_experts=8 --experts_per_token=2 --steps=40
 """
 import os
@@ -44,11 +47,14 @@ experts_per_token = 1
 shared_expert = False
 moe_aux_loss_coef = 0.01
 eval_tokens = 32768           # val bpb of both after `steps` (0: skip)
+threads = 0                   # CPU intra-op threads; 0: torch's default
 seed = 1337
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
 device_type = device_type or autodetect_device_type()
+if threads > 0:
+    torch.set_num_threads(threads)
 device = torch.device(device_type)
 dtype = compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -83,11 +89,13 @@ print(f"MoE: {n_experts} experts, top-{experts_per_token}{' + shared' if shared_
 
 train_batches = data_loader(device_batch_size, max_seq_len, "train", tokenizer, device)
 seconds = {name: 0.0 for name in models}
+cpu_seconds = {name: 0.0 for name in models}
+bucket_rows, assignments = 0, 0  # rows the expert matmuls ran over vs assignments they served
 last_loss = {}
 for step in range(steps):
     x, y = next(train_batches)[:2]
     for name, (model, optimizers) in models.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             loss = model(x, y)
         loss.backward()
@@ -98,15 +106,22 @@ for step in range(steps):
         last_loss[name] = loss.item()  # syncs the device: the timing is honest
         if step >= warmup_steps:
             seconds[name] += time.perf_counter() - t0
+            cpu_seconds[name] += time.process_time() - c0
+    for moe in models["moe"][0].moe_layers():
+        bucket_rows += moe.n_experts * int(moe.load.max())
+        assignments += int(moe.load.sum())
     if step % 10 == 0 or step == steps - 1:
         aux = models["moe"][0].moe_aux_loss.item()
         print(f"step {step + 1:4d}/{steps} | loss dense {last_loss['dense']:.4f} moe {last_loss['moe']:.4f} "
               f"(moe aux {aux:.3f})")
 
 timed = max(1, steps - warmup_steps) * tokens_per_step
-tps = {name: timed / max(s, 1e-9) for name, s in seconds.items()}
 print()
-print(f"training tok/s: moe {tps['moe']:,.0f} | dense {tps['dense']:,.0f} | ratio moe/dense {tps['moe'] / tps['dense']:.2f}x")
+print(f"expert buckets: {bucket_rows / assignments:.2f}x the rows routed (padding to the busiest expert's load)")
+for label, secs in [("wall", seconds), ("CPU time", cpu_seconds)]:
+    tps = {name: timed / max(s, 1e-9) for name, s in secs.items()}
+    print(f"training tok/s ({label}): moe {tps['moe']:,.0f} | dense {tps['dense']:,.0f} | "
+          f"ratio moe/dense {tps['moe'] / tps['dense']:.2f}x")
 if eval_tokens > 0:
     eval_steps = max(1, eval_tokens // tokens_per_step)
     bpb = {}
