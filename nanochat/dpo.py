@@ -47,6 +47,10 @@ def render_pair(tokenizer, pair, T):
     return rows[0], rows[1]
 
 
+def pair_length(rendered_pair):
+    return max(len(rendered_pair[0][0]), len(rendered_pair[1][0]))
+
+
 def pairs_to_batch(rendered, pad_id, device="cpu"):
     """rendered: list of N render_pair results -> inputs, targets of shape (2N, L): the N chosen rows
     then the N rejected rows, padded to the longest (L + 1 = its length)."""
@@ -101,6 +105,7 @@ def compute_logps(model, rendered, batch_size, pad_id, device, autocast=None, in
     from contextlib import nullcontext
     autocast = autocast or nullcontext()
     indices = list(range(len(rendered))) if indices is None else list(indices)
+    indices.sort(key=lambda i: pair_length(rendered[i]))  # similar lengths together: less padding
     out = torch.zeros(len(rendered), 2, dtype=torch.float32, device=device)
     for s in range(0, len(indices), batch_size):
         chunk = indices[s:s + batch_size]

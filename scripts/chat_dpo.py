@@ -180,11 +180,14 @@ print0(f"pairs: train {len(train_pairs):,} | held-out {len(eval_set):,} ("
 print0(f"batch: {P} pairs = {B} x {world_size} ranks x {grad_accum_steps} accum | steps: {num_iterations:,} | beta {beta}")
 
 
-def step_indices(step, k):
-    """Pair indices of micro-step k of `step` on this rank: consecutive blocks of the (already
-    shuffled) pair list, cycled when the run is longer than an epoch."""
-    start = step * P + (rank * grad_accum_steps + k) * B
-    return [(start + j) % len(train_pairs) for j in range(B)]
+def step_micro_batches(step):
+    """This rank's pair indices for `step`, as grad_accum_steps micro-batches of B: a consecutive
+    block of the (already shuffled) pair list, cycled when the run is longer than an epoch, and
+    sorted by length so each micro-batch pads less (the step's loss is a sum: order is free)."""
+    start = step * P + rank * grad_accum_steps * B
+    idx = sorted(((start + j) % len(train_pairs) for j in range(grad_accum_steps * B)),
+                 key=lambda i: dpo.pair_length(train_pairs[i]))
+    return [idx[k * B:(k + 1) * B] for k in range(grad_accum_steps)]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -298,8 +301,7 @@ while True:
 
     t0 = time.time()
     sums, n_tokens = None, 0
-    for k in range(grad_accum_steps):
-        idx = step_indices(step, k)
+    for idx in step_micro_batches(step):
         inputs, targets = dpo.pairs_to_batch([train_pairs[i] for i in idx], pad_id, device)
         n_tokens += inputs.numel()
         with autocast:
