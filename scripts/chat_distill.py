@@ -301,7 +301,7 @@ def save(step):
 
 # ----------------------------------------------------------------------------- training loop
 teacher_val = None
-if teacher_model is not None and master and mode == "base":
+if teacher_model is not None and mode == "base":  # every rank: evaluate_bpb all-reduces
     teacher_val = evaluate(teacher_model)
     print0(f"teacher {val_name}: {teacher_val:.4f}")
 graceful = GracefulExit()
