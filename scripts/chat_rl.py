@@ -309,19 +309,24 @@ while True:
     history["reward"].append(mean_reward)
     history["correct"].append(mean_correct)
     print0(format_step_line(step, num_iterations, pg, lrm, n_tokens / dt, None, time.time() - t_start, eta) +
-           f" | reward {mean_reward:.3f} | correct {mean_correct:.3f} | kl {kl:.4f} | clip {clip_frac:.3f}")
+           f" | reward {mean_reward:.3f} | correct {mean_correct:.3f}" + (f" | kl {kl:.4f}" if beta > 0 else "") +
+           f" | clip {clip_frac:.3f}")
     wandb_run.log({"step": step, "train/reward": mean_reward, "train/correct": mean_correct, "train/pg_loss": pg,
                    "train/kl": kl, "train/clip_frac": clip_frac, "train/lrm": lrm})
 
 graceful.close()
-if master and history["eval_step"]:
+if master:
     names = [k for k in history if "pass@" in k]
     first, final = {k: history[k][0] for k in names}, {k: history[k][-1] for k in names}
-    table = "| metric | step " + str(history["eval_step"][0]) + " | step " + str(history["eval_step"][-1]) + " |\n|---|---|---|\n"
-    table += "".join(f"| {k} | {first[k]:.3f} | {final[k]:.3f} |\n" for k in names)
+    table = None
+    if names:
+        table = (f"| held-out ({eval_problems} problems, {eval_samples} samples at T={eval_temperature}) | "
+                 f"step {history['eval_step'][0]} | step {history['eval_step'][-1]} |\n|---|---|---|\n")
+        table += "".join(f"| {k} | {first[k]:.3f} | {final[k]:.3f} |\n" for k in names)
+    recent = history["reward"][-10:]
     report.log_section("Chat RL", metrics={**{f"final {k}": v for k, v in final.items()},
-                                           **{f"initial {k}": v for k, v in first.items()},
-                                           "steps": step, "final mean reward": history["reward"][-1] if history["reward"] else "n/a"},
+                                           **{f"initial {k}": v for k, v in first.items()}, "steps": step,
+                                           "mean reward (last 10 steps)": sum(recent) / len(recent) if recent else "n/a"},
                        config=user_config, table=table, plots=[os.path.join(checkpoint_dir, "reward_curve.png")],
                        stage="RL", summary={k: round(v, 4) for k, v in final.items() if k.endswith("pass@1")})
 wandb_run.finish()
