@@ -208,6 +208,11 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: sparse and cheap
 
 
+# How MoE runs its experts: "bmm" (padded buckets, batched matmuls), "loop" (a loop over the
+# experts, no padding) or "auto": loop on CPU, bmm elsewhere (see MoE). Outputs agree to rounding.
+MOE_DISPATCH = "auto"
+
+
 class MoE(nn.Module):
     """Mixture of experts in place of the MLP: a linear router scores n_experts ReLU^2 MLPs per
     token, each token goes to its top-k, and their outputs are summed with the router's weights
@@ -217,12 +222,17 @@ class MoE(nn.Module):
 
     The experts are stacked weights, w_fc (E, hidden, d) and w_proj (E, d, hidden), laid out like
     nn.Linear weights (out, in) so that Muon treats each expert as it treats the dense MLP. No
-    Python loop over tokens or experts: the (token, expert) assignments are sorted by expert,
-    copied into one zero-padded bucket per expert (E, C, d), pushed through two batched matmuls
-    (torch.bmm over the experts), and added back to their tokens with index_add. C is the
-    largest expert's load (nothing dropped; the default) or, in training with a capacity
-    factor, a fixed size computed from the token count (overflow assignments are dropped and
-    those tokens keep only the residual and the shared expert), which keeps shapes static.
+    Python loop over tokens: the (token, expert) assignments are sorted by expert, so each
+    expert's inputs are one contiguous slice, run through the expert's two matmuls, and added
+    back to their tokens with index_add. How the experts run (MOE_DISPATCH):
+    - "bmm": every expert at once, each slice copied into a zero-padded bucket (E, C, d) and two
+      batched matmuls (torch.bmm) over the experts; C is the busiest expert's load, so an
+      unbalanced router pays for padding (up to E times the work when all go to one expert).
+    - "loop": a loop over the E experts (not the tokens), two plain matmuls per slice; no
+      padding, so it does exactly the dense work per token; the faster one on CPU.
+    With a capacity factor (training only), buckets have a fixed size computed from the token
+    count and overflow assignments are dropped (those tokens keep the residual and the shared
+    expert): static shapes, for torch.compile.
 
     Each forward stores the Switch load-balancing loss in self.aux_loss:
     n_experts * sum_e f_e * P_e, with f_e the fraction of assignments that went to expert e and
@@ -263,29 +273,46 @@ class MoE(nn.Module):
         (N, d), E, k = x.shape, self.n_experts, self.top_k
         top_e, gates, probs = self.route(x)
         expert = top_e.flatten()  # assignment a = (token a // k, its (a % k)-th choice)
-        self.load = load = torch.bincount(expert, minlength=E)  # kept for logging (and the bench's padding figure)
+        # tokens per expert (scatter_add rather than bincount: a static shape for torch.compile);
+        # kept for logging, e.g. the benchmark's padding figure
+        self.load = load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
         self.aux_loss = E * (load.float() / (N * k) * probs.mean(dim=0)).sum()
-        # dispatch: group the assignments by expert; slot = position inside the expert's bucket
+        # sort the assignments by expert: each expert's inputs become one contiguous slice
         order = expert.argsort(stable=True)
-        expert, token = expert[order], order // k
-        slot = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[expert]
+        expert, token, weight = expert[order], order // k, gates.flatten()[order]
+        slot = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[expert]  # position in the slice
+        capacity = None
         if self.training and self.capacity_factor > 0:
-            C = max(1, math.ceil(self.capacity_factor * N * k / E))
+            capacity = max(1, math.ceil(self.capacity_factor * N * k / E))
+            weight = weight * (slot < capacity)  # overflow assignments are dropped
+        rows = x[token]
+        dispatch = MOE_DISPATCH if MOE_DISPATCH != "auto" else ("loop" if x.device.type == "cpu" else "bmm")
+        if dispatch == "loop":
+            out = self._experts_loop(rows, load)
         else:
-            C = int(load.max())  # one host sync; exact, nothing dropped
-        kept = slot < C
-        slot = torch.where(kept, slot, C)  # overflow goes to a spare row C that is never computed
-        buckets = x.new_zeros(E, C + 1, d)
-        buckets[expert, slot] = x[token]
-        h = F.relu(torch.bmm(buckets[:, :C], self.w_fc.mT)).square()
-        out = torch.bmm(h, self.w_proj.mT)  # (E, C, d)
-        # combine: each assignment's output, times its router weight (0 if dropped), added to its token
-        weight = gates.flatten()[order] * kept
-        contrib = out[expert, slot.clamp(max=C - 1)] * weight[:, None].to(out.dtype)
+            out = self._experts_bmm(rows, expert, slot, load, capacity)
+        # each assignment's output times its router weight, added to its token
+        contrib = out * weight[:, None].to(out.dtype)
         y = contrib.new_zeros(N, d).index_add_(0, token, contrib)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)
+
+    def _experts_loop(self, rows, load):
+        # unbind, not w[e]: its backward stacks the E gradients once instead of E full-size adds
+        slices = rows.split(load.tolist())  # one host sync
+        outs = [torch.mm(F.relu(torch.mm(xe, w_fc.t())).square(), w_proj.t())
+                for xe, w_fc, w_proj in zip(slices, self.w_fc.unbind(0), self.w_proj.unbind(0))]
+        return torch.cat(outs)
+
+    def _experts_bmm(self, rows, expert, slot, load, capacity):
+        C = capacity or int(load.max())  # without a capacity: one host sync; nothing dropped
+        slot = slot.clamp(max=C)  # overflow (weight 0) goes to a spare row C that is never computed
+        buckets = rows.new_zeros(self.n_experts, C + 1, rows.size(1))
+        buckets[expert, slot] = rows
+        h = F.relu(torch.bmm(buckets[:, :C], self.w_fc.mT)).square()
+        out = torch.bmm(h, self.w_proj.mT)  # (E, C, d)
+        return out[expert, slot.clamp(max=C - 1)]
 
 
 class Block(nn.Module):

@@ -7,7 +7,10 @@ per byte after the same number of steps.
 Equal active parameters: each of the experts_per_token (+ shared) experts a token uses has
 hidden width 4 * n_embd / (experts_per_token + shared), so its MLP work per token equals the
 dense MLP's; the MoE model holds n_experts / experts_per_token times the MLP weights. The
-difference in tok/s is then the price of routing (router, sort, bucket copies, padding).
+difference in tok/s is then the price of routing (router, sort, copies; padding for "bmm").
+Both ways of running the experts (nanochat.gpt.MOE_DISPATCH) are timed by default: "loop"
+(a loop over the experts, no padding) and "bmm" (padded buckets, batched matmuls); the two
+MoE models start from the same weights and compute the same function.
 The two models take their steps alternately, so a busy machine slows both alike, and both
 wall-clock and CPU-time tok/s are printed (CPU time, of the whole process, hardly depends on
 what else runs on the machine; with --threads=1 it is the work itself).
@@ -27,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+import nanochat.gpt as gpt
 from nanochat.common import autodetect_device_type, compute_dtype, seed_everything
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
@@ -46,6 +50,7 @@ n_experts = 4
 experts_per_token = 1
 shared_expert = False
 moe_aux_loss_coef = 0.01
+dispatch = "both"             # loop | bmm | both: how the MoE model runs its experts
 eval_tokens = 32768           # val bpb of both after `steps` (0: skip)
 threads = 0                   # CPU intra-op threads; 0: torch's default
 seed = 1337
@@ -79,9 +84,13 @@ def make(config):
     return model, model.setup_optimizers()
 
 
-models = {"dense": make(dense_config), "moe": make(moe_config)}
-for name, (model, _) in models.items():
-    print(f"{name:5s}: params {model.num_params():,} | active {model.num_active_params():,} | "
+assert dispatch in ("loop", "bmm", "both"), f"--dispatch must be loop, bmm or both, got {dispatch!r}"
+models = {"dense": make(dense_config)}  # name -> (model, optimizers); MoE names are their dispatch
+for way in (["loop", "bmm"] if dispatch == "both" else [dispatch]):
+    models[way] = make(moe_config)
+moe_names = [name for name in models if name != "dense"]
+for name, (model, _) in list(models.items())[:2]:
+    print(f"{'dense' if name == 'dense' else 'moe':5s}: params {model.num_params():,} | active {model.num_active_params():,} | "
           f"FLOPs/token {model.estimate_flops():.3e}")
 print(f"MoE: {n_experts} experts, top-{experts_per_token}{' + shared' if shared_expert else ''}, expert hidden "
       f"{expert_hidden} | depth {depth} width {dense_config.n_embd} | batch {tokens_per_step} tokens | "
@@ -95,6 +104,7 @@ last_loss = {}
 for step in range(steps):
     x, y = next(train_batches)[:2]
     for name, (model, optimizers) in models.items():
+        gpt.MOE_DISPATCH = name if name != "dense" else "auto"
         t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             loss = model(x, y)
@@ -107,28 +117,29 @@ for step in range(steps):
         if step >= warmup_steps:
             seconds[name] += time.perf_counter() - t0
             cpu_seconds[name] += time.process_time() - c0
-    for moe in models["moe"][0].moe_layers():
+    for moe in models[moe_names[0]][0].moe_layers():
         bucket_rows += moe.n_experts * int(moe.load.max())
         assignments += int(moe.load.sum())
     if step % 10 == 0 or step == steps - 1:
-        aux = models["moe"][0].moe_aux_loss.item()
-        print(f"step {step + 1:4d}/{steps} | loss dense {last_loss['dense']:.4f} moe {last_loss['moe']:.4f} "
-              f"(moe aux {aux:.3f})")
+        aux = models[moe_names[0]][0].moe_aux_loss.item()
+        print(f"step {step + 1:4d}/{steps} | loss " + " ".join(f"{n} {v:.4f}" for n, v in last_loss.items())
+              + f" | moe aux {aux:.3f}")
 
 timed = max(1, steps - warmup_steps) * tokens_per_step
 print()
-print(f"expert buckets: {bucket_rows / assignments:.2f}x the rows routed (padding to the busiest expert's load)")
+print(f"expert buckets of bmm: {bucket_rows / assignments:.2f}x the rows routed (padding to the busiest expert's load)")
 for label, secs in [("wall", seconds), ("CPU time", cpu_seconds)]:
     tps = {name: timed / max(s, 1e-9) for name, s in secs.items()}
-    print(f"training tok/s ({label}): moe {tps['moe']:,.0f} | dense {tps['dense']:,.0f} | "
-          f"ratio moe/dense {tps['moe'] / tps['dense']:.2f}x")
+    print(f"training tok/s ({label}): dense {tps['dense']:,.0f} | " + " | ".join(
+        f"moe ({n}) {tps[n]:,.0f}, ratio moe/dense {tps[n] / tps['dense']:.2f}x" for n in moe_names))
 if eval_tokens > 0:
     eval_steps = max(1, eval_tokens // tokens_per_step)
     bpb = {}
-    for name, (model, _) in models.items():
+    for name, (model, _) in list(models.items())[:2]:  # the MoE models compute the same function
+        gpt.MOE_DISPATCH = name if name != "dense" else "auto"
         model.eval()
         with autocast:
             bpb[name] = evaluate_bpb(model, data_loader(device_batch_size, max_seq_len, "val", tokenizer, device),
                                      eval_steps, token_bytes)
     print(f"val bpb after {steps} steps ({eval_steps * tokens_per_step:,} val tokens): "
-          f"moe {bpb['moe']:.4f} | dense {bpb['dense']:.4f}")
+          f"moe {bpb[moe_names[0]]:.4f} | dense {bpb['dense']:.4f}")

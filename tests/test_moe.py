@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import nanochat.gpt as gpt_module
 from nanochat.adamw import AdamW
 from nanochat.checkpoint_manager import build_model, save_checkpoint
 from nanochat.gpt import GPT, MLP, GPTConfig, MoE
@@ -55,6 +56,13 @@ def randomize_outputs(model, seed=1):
     return model
 
 
+@pytest.fixture(params=["loop", "bmm"])
+def dispatch(request, monkeypatch):
+    """Run the test with each way of running the experts (gpt.MOE_DISPATCH)."""
+    monkeypatch.setattr(gpt_module, "MOE_DISPATCH", request.param)
+    return request.param
+
+
 def make_moe(n_experts=4, k=2, d=16, shared=False, capacity_factor=0.0, seed=0):
     config = GPTConfig(n_embd=d, n_head=1, n_kv_head=1, n_experts=n_experts, experts_per_token=k,
                        shared_expert=shared, moe_capacity_factor=capacity_factor)
@@ -84,7 +92,7 @@ def reference_moe(moe, x):
 
 
 @pytest.mark.parametrize("n_experts,k,shared", [(4, 2, False), (4, 1, True), (8, 3, False)])
-def test_batched_dispatch_matches_per_token_reference(n_experts, k, shared):
+def test_batched_dispatch_matches_per_token_reference(n_experts, k, shared, dispatch):
     moe = make_moe(n_experts, k, shared=shared)
     x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(3))
     for training in (False, True):  # no capacity factor: training dispatches the same way
@@ -170,17 +178,23 @@ def count_ops(moe, n_tokens):
     return counter.count
 
 
-def test_no_python_loop_over_tokens_or_experts():
-    """Forward + backward issue the same number of kernels for 8 or 512 tokens and for 2 or 16
-    experts: the dispatch is batched, not a loop over tokens (or experts)."""
-    small = count_ops(make_moe(n_experts=2, k=1), 8)
-    assert count_ops(make_moe(n_experts=2, k=1), 512) == small
-    assert count_ops(make_moe(n_experts=16, k=1), 512) == small
-    assert count_ops(make_moe(n_experts=16, k=2, shared=True), 512) == count_ops(make_moe(n_experts=2, k=2, shared=True), 8)
+def test_no_python_loop_over_tokens(dispatch):
+    """Forward + backward issue the same number of kernels for 8 or 512 tokens: the dispatch is
+    batched, not a loop over tokens. "bmm" does not loop over the experts either; "loop" issues
+    a fixed number of kernels per expert."""
+    for k, shared in [(1, False), (2, True)]:
+        small = count_ops(make_moe(n_experts=2, k=k, shared=shared), 8)
+        assert count_ops(make_moe(n_experts=2, k=k, shared=shared), 512) == small
+        big = count_ops(make_moe(n_experts=16, k=k, shared=shared), 512)
+        if dispatch == "bmm":
+            assert big == small
+        else:
+            per_expert = (count_ops(make_moe(n_experts=4, k=k, shared=shared), 64) - small) / 2
+            assert per_expert > 0 and big == small + 14 * per_expert
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_gradients_reach_used_experts_and_router(k):
+def test_gradients_reach_used_experts_and_router(k, dispatch):
     moe = make_moe(n_experts=4, k=k, d=16)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
     x[:, 0] = 5.0
@@ -201,7 +215,7 @@ def test_gradients_reach_used_experts_and_router(k):
     assert moe.router.weight.grad.abs().sum() > 0
 
 
-def test_capacity_factor_drops_overflow_in_training_only():
+def test_capacity_factor_drops_overflow_in_training_only(dispatch):
     moe = make_moe(n_experts=4, k=1, capacity_factor=1.0)
     with torch.no_grad():
         moe.router.weight.zero_()
@@ -289,7 +303,7 @@ def test_loss_reductions_with_aux_loss():
     assert model(x, y).item() == pytest.approx((per_token.sum() / n).item(), abs=1e-5)
 
 
-def test_kv_cache_generation_matches_full_forward():
+def test_kv_cache_generation_matches_full_forward(dispatch):
     model = randomize_outputs(make_model(n_experts=4, experts_per_token=2, shared_expert=True, n_kv_head=1))
     model.eval()
     prompt = [5, 17, 3, 88, 41]
