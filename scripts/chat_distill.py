@@ -263,17 +263,20 @@ def evaluate(m):
 
 
 def reasoning_accuracy(m):
-    """Greedy completions of the held-out reasoning problems (thinking included) -> fraction correct."""
+    """Greedy completions of the held-out reasoning problems (tools allowed) -> (fraction correct,
+    fraction that think first: open with <think> and close it)."""
     m.eval()
     engine = Engine(m, tokenizer)
-    correct = 0
+    correct = thought = 0
     for conversation in reasoning_eval:
         with autocast:
             out, _ = engine.generate_batch(tokenizer.render_for_completion(conversation), max_tokens=eval_max_tokens,
                                            temperature=0.0)
-        correct += reasoning_eval.evaluate(conversation, tokenizer.decode(out[0]))
+        text = tokenizer.decode(out[0])
+        correct += reasoning_eval.evaluate(conversation, text)
+        thought += text.startswith("<think>") and "</think>" in text
     m.train()
-    return correct / len(reasoning_eval)
+    return correct / len(reasoning_eval), thought / len(reasoning_eval)
 
 
 def all_reduce_sum(t):
@@ -319,8 +322,8 @@ while True:
         history["val"].append(val_metric)
         line = f"step {step:05d} | {val_name} {val_metric:.4f}"
         if reasoning_eval is not None and master:
-            accuracy = reasoning_accuracy(model)
-            line += f" | reasoning acc {accuracy:.3f}"
+            accuracy, think_rate = reasoning_accuracy(model)
+            line += f" | reasoning acc {accuracy:.3f} | thinks {think_rate:.3f}"
         print0(line)
         wandb_run.log({"step": step, f"val/{val_name.split()[1]}": val_metric})
 
@@ -372,6 +375,7 @@ if master and step == num_iterations:
         metrics[f"teacher {val_name}"] = teacher_val
     if accuracy is not None:
         metrics["reasoning acc"] = summary["reasoning acc"] = accuracy
+        metrics["thinks (<think> ... </think> first)"] = think_rate
     # the no-teacher baseline gets a section of its own but not the DISTILL row of the summary table
     title = f"Distillation baseline ({mode}, {tag})" if from_scratch else f"Distillation ({mode}, {tag})"
     report.log_section(title, metrics=metrics, config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],

@@ -362,7 +362,7 @@ def test_reasoning_mode_runs_with_think_weighting(base_dir):
                                  "--init_lr_frac=0.5"]).stdout
     s = steps(out)
     assert sorted(s) == [1, 2, 3]
-    assert re.search(r"step 00003 \| val loss \d+\.\d+ \| reasoning acc \d\.\d+", out)
+    assert re.search(r"step 00003 \| val loss \d+\.\d+ \| reasoning acc \d\.\d+ \| thinks \d\.\d+", out)
     # the student starts as the teacher: the KL starts at 0 and training moves it away
     assert s[1][2] < 1e-4
     assert os.path.exists(os.path.join(base_dir, "distill_checkpoints", "d2_reasoning", "model_000003.pt"))
