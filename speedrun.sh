@@ -128,7 +128,7 @@ case "$MODE" in
     SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=-1
               --generated_examples=16 --identity_examples=16 --chitchat_examples=0 --eval_problems=0)
     DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
-    CHAT_EVAL_ARGS=(--max_problems=8) ;;
+    CHAT_EVAL_ARGS=(--max_problems=8 --max_new_tokens=48) ;;
   cpu)
     DATA_ARGS=(); VOCAB=8192
     BASE_ARGS=(configs/cpu.py)

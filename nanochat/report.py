@@ -261,7 +261,7 @@ def render(directory, plots_prefix):
     if stages:
         ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
         lines += ["", "## Stages", "", markdown_table(["stage", "status", "minutes", "log"],
-                                                     [[n, s["status"], round(s["seconds"] / 60, 2), s.get("log", "")]
+                                                     [[n, s["status"], f"{s['seconds'] / 60:.1f}", s.get("log", "")]
                                                       for n, s in ordered])]
     for s in sections:
         lines += ["", f"## {s['title']}", "", f"_{s['time']}_"]

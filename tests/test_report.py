@@ -44,7 +44,7 @@ def test_sections_summary_plots_and_timings(rdir, tmp_path):
     assert "![Base training: base-training-loss.png](report_plots/base-training-loss.png)" in text
     assert (out.parent / "report_plots" / "base-training-loss.png").exists()
     assert (out.parent / "report_plots" / "summary-metrics.png").exists()
-    assert "| base_train | done | 10.0000 | logs/base_train.log |" in text
+    assert "| base_train | done | 10.0 | logs/base_train.log |" in text
     assert "wall time**: 15.0 min" in text and "cost estimate" in text
     assert "`depth=4`" in text and "obj" not in text  # objects are not dumped into the report
     assert "commit" in text and "torch" in text
