@@ -123,9 +123,9 @@ case "$MODE" in
     DATA_ARGS=(--max_docs=64); VOCAB=2048
     BASE_ARGS=(configs/smoke.py)
     EVAL_ARGS=(--max_per_task=8); BPB_ARGS=(--split_tokens=4096 --device_batch_size=4)
-    MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=-1
+    MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
               --generated_examples=32 --identity_examples=16 --chitchat_examples=16 --multiple_choice_examples=16)
-    SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=-1
+    SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
               --generated_examples=16 --identity_examples=16 --chitchat_examples=0 --eval_problems=0)
     DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
     CHAT_EVAL_ARGS=(--max_problems=8 --max_new_tokens=48) ;;

@@ -4,5 +4,5 @@ target_pairs_per_step = 4
 num_iterations = 2
 arithmetic_pairs = 8
 multiple_choice_pairs = 0
-eval_every = -1
+eval_every = 2
 eval_pairs = 8
