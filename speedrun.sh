@@ -135,7 +135,7 @@ case "$MODE" in
     EVAL_ARGS=(); BPB_ARGS=(--split_tokens=262144)
     MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
     DPO_ARGS=(configs/cpu_dpo.py); RL_ARGS=(configs/cpu_rl.py)
-    CHAT_EVAL_ARGS=(--max_problems=100) ;;
+    CHAT_EVAL_ARGS=(--max_problems=64 --max_new_tokens=128) ;;
   gpu)
     DATA_ARGS=(); VOCAB=65536
     BASE_ARGS=(configs/d20.py)
