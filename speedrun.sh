@@ -158,7 +158,7 @@ else
   run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
 fi
 run_stage tokenizer "$PY" -m scripts.tok_train "--vocab_size=$VOCAB"
-run_stage tok_eval "$PY" -m scripts.tok_eval --references=False
+run_stage tok_eval "$PY" -m scripts.tok_eval --references=False --hf_max_chars=5000000
 
 # ----------------------------------------------------------------------------- pretraining
 BASE_CKPT="base_checkpoints/$TAG"
