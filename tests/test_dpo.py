@@ -69,6 +69,10 @@ def test_loss_is_log2_at_init_and_a_step_prefers_chosen(tokenizer):
     assert torch.equal(rc, torch.zeros_like(rc)) and torch.equal(rr, torch.zeros_like(rr))
     stats = dpo.mean_stats(dpo.pair_stats(logps[:n].detach(), logps[n:].detach(), ref[:n], ref[n:], 0.1))
     assert stats["reward_acc"] == 0.5 and stats["margin"] == 0.0  # ties count half
+    # d loss / d log pi(chosen) = -beta * sigmoid(-margin) = -beta / 2 at the start: descent raises it
+    pi_c, pi_r = logps[:n].detach().requires_grad_(), logps[n:].detach().requires_grad_()
+    dpo.dpo_loss(pi_c, pi_r, ref[:n], ref[n:], beta=0.1)[0].sum().backward()
+    assert torch.allclose(pi_c.grad, torch.full_like(pi_c, -0.05)) and torch.allclose(pi_r.grad, torch.full_like(pi_r, 0.05))
     losses.mean().backward()
     with torch.no_grad():
         for p in model.parameters():
