@@ -20,6 +20,7 @@ Sequences longer than the model's context are cropped from the left (the end is 
 import json
 import os
 import random
+import time
 
 import torch
 import torch.distributed as dist
@@ -189,7 +190,6 @@ def evaluate_core(model, tokenizer, tasks, data_dir, device, max_per_task=None, 
     """Run every task that has data -> (results, core). results: one dict per task in `tasks`
     (label, task_type, num_fewshot, random_baseline, accuracy, centered, n, seconds), or with
     "missing" for tasks that have no data. core = mean centered accuracy of the tasks that ran."""
-    import time
     results = []
     for task in tasks:
         if task.get("missing"):
