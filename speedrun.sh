@@ -146,7 +146,7 @@ esac
 case "$MODE" in smoke) TAG=d2 ;; cpu) TAG=d4 ;; gpu) TAG=d20 ;; esac
 [ -n "${DEPTH:-}" ] && BASE_ARGS+=("--depth=$DEPTH") && TAG="d$DEPTH"
 if [ "${USE_MOE:-false}" = true ]; then  # base_train tags MoE runs d<depth>_moe<experts>x<top-k>
-  BASE_ARGS+=(--n_experts=4 --experts_per_token=1 --shared_expert=True); TAG="${TAG}_moe4x1"
+  BASE_ARGS+=(--n_experts=4 --experts_per_token=1); TAG="${TAG}_moe4x1"  # 4x the MLP weights, same active
 fi
 [ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
 [ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
