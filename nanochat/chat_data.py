@@ -33,7 +33,8 @@ from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dt
                              init_wandb, print0, seed_everything)
 from nanochat.data_stats import format_stats, task_stats, write_stats
 from nanochat.tokenizer import tokenizer_fingerprint
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
+                               lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
@@ -335,4 +336,5 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
                                     **last_metrics, "wall minutes": round((time.time() - t_start) / 60, 2)},
                            summary={"val loss": val_loss} if val_loss is not None else {})
     compute_cleanup()
+    exit_if_stopped(step, num_iterations, graceful)
     return orig_model

@@ -184,6 +184,13 @@ def save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard
     return last_step or bool(stopping)
 
 
+def exit_if_stopped(step, num_iterations, graceful):
+    """Call last: a run that stopped before its final step (Ctrl-C / SIGTERM -> 130, memory guard
+    -> 3) has saved a checkpoint, but must not look finished to a pipeline such as speedrun.sh."""
+    if step < num_iterations:
+        raise SystemExit(130 if graceful.requested else 3)
+
+
 def restore_train_state(train_state, optimizers, num_lanes):
     """Load the optimizer states and RNG saved beside a checkpoint; returns the data lanes' positions.
     The lanes (ranks x accumulation) must match, or the data order would silently change."""

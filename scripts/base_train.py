@@ -31,7 +31,8 @@ from nanochat.dataloader import data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
+                               lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
@@ -256,3 +257,4 @@ if master and history["loss"]:
                                 "final train loss": history["loss"][-1], "val bpb": val_bpb,
                                 "wall minutes": round((time.time() - t_start) / 60, 2)})
 compute_cleanup()
+exit_if_stopped(step, num_iterations, graceful)

@@ -39,7 +39,8 @@ from nanochat.engine import Engine
 from nanochat.rl import (LongArithmetic, completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch,
                          sample_group, shaped_reward, token_logprobs)
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
+                               lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
@@ -331,3 +332,4 @@ if master:
                        stage="RL", summary={k: round(v, 4) for k, v in final.items() if k.endswith("pass@1")})
 wandb_run.finish()
 compute_cleanup()
+exit_if_stopped(step, num_iterations, graceful)
