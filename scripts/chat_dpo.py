@@ -37,7 +37,8 @@ from nanochat.common import autodetect_device_type, compute_cleanup, compute_dty
 from nanochat.configurator import configure
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
+                               lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
@@ -365,3 +366,4 @@ if history["eval"]:
                                 "logp acc": round(final["all"]["logp_acc"], 4),
                                 "margin": round(final["all"]["margin"], 4)})
 compute_cleanup()
+exit_if_stopped(step, num_iterations, graceful)
