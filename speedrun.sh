@@ -132,14 +132,14 @@ case "$MODE" in
   cpu)
     DATA_ARGS=(); VOCAB=8192
     BASE_ARGS=(configs/cpu.py)
-    EVAL_ARGS=(); BPB_ARGS=(--split_tokens=262144)
+    EVAL_ARGS=(--max_per_task=100); BPB_ARGS=(--split_tokens=262144)
     MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
     DPO_ARGS=(configs/cpu_dpo.py); RL_ARGS=(configs/cpu_rl.py)
     CHAT_EVAL_ARGS=(--max_problems=64 --max_new_tokens=128) ;;
   gpu)
     DATA_ARGS=(); VOCAB=65536
     BASE_ARGS=(configs/d20.py)
-    EVAL_ARGS=(); BPB_ARGS=()
+    EVAL_ARGS=(--max_per_task=0); BPB_ARGS=()
     MID_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); RL_ARGS=(); CHAT_EVAL_ARGS=() ;;
 esac
 # every stage names its checkpoints by this tag, so other models in the base dir are never picked up
