@@ -48,7 +48,8 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tasks.reasoning import Reasoning
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, format_step_line, lr_multiplier,
+from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
+                               lr_multiplier,
                                plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
                                write_json_atomic)
 
@@ -381,3 +382,4 @@ if master and step == num_iterations:
     report.log_section(title, metrics=metrics, config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],
                        stage=None if from_scratch else "DISTILL", summary=summary)
 compute_cleanup()
+exit_if_stopped(step, num_iterations, graceful)  # stopped early (after saving): exit 130 / 3, not 0

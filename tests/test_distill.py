@@ -328,7 +328,7 @@ def test_base_mode_distils_and_resumes_exactly(base_dir, tokenizer):
         first += line
         if line.startswith("step 2/4"):
             proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0, first[-3000:]
+    assert proc.wait(timeout=120) == 130, first[-3000:]  # saved, but not finished
     stopped_at = int(re.search(r"stopping at step (\d+)", first).group(1))
     assert 2 <= stopped_at < 4
     second = run_distill(base_dir, args + ["--model_tag=split", "--resume"]).stdout
