@@ -369,7 +369,9 @@ while True:
 graceful.close()
 wandb_run.finish()
 if master and step == num_iterations:
-    summary = {val_name: round(val_metric, 4)} if val_metric is not None else {}
+    # the summary table merges a stage's rows: keep the keys distinct per mode (base: the bar's val bpb)
+    summary = {{"base": val_name, "chat": "chat val loss"}[mode]: round(val_metric, 4)} \
+        if val_metric is not None and mode != "reasoning" else {}
     metrics = {"mode": mode, "teacher": teacher_desc or "none (from scratch)", "alpha": alpha, "temperature": temperature,
                "student params": num_params, "steps": step, val_name: val_metric}
     if teacher_val is not None:
