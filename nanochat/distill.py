@@ -24,6 +24,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from nanochat.tokenizer import tokenizer_fingerprint
+
 # Logits per chunk: 2^21 values (e.g. 256 tokens of a 8192 vocab) keep each temporary ~8 MB.
 CHUNK_ELEMENTS = 2 ** 21
 
@@ -211,18 +213,15 @@ def token_weights(targets, special_ids, special_token_weight):
 # Same tokenizer?
 
 def tokenizer_identity(tokenizer):
-    """{"vocab_size", "tokenizer_hash", "token_bytes_sha256"} of a RustBPETokenizer. The hash
-    covers the split pattern, every mergeable token's bytes in rank order and the special
-    tokens; token_bytes_sha256 only each id's byte length (what bits-per-byte divides by)."""
+    """{"vocab_size", "tokenizer_hash", "token_bytes_sha256"} of a RustBPETokenizer. The hash is
+    tokenizer.tokenizer_fingerprint (pattern, every token's bytes in rank order, specials), as
+    base_train and finetune record it; token_bytes_sha256 covers only each id's byte length
+    (what bits-per-byte divides by)."""
     ranks = tokenizer.get_mergeable_ranks()
-    h = hashlib.sha256()
-    h.update(tokenizer.get_pattern().encode("utf-8") + b"\0")
-    for token, rank in ranks:
-        h.update(len(token).to_bytes(4, "little") + token)
-    h.update("\0".join(tokenizer.get_special_tokens()).encode("utf-8"))
     lengths = [len(token) for token, _ in ranks] + [0] * len(tokenizer.get_special_tokens())
     tb = hashlib.sha256(b"".join(n.to_bytes(4, "little") for n in lengths)).hexdigest()
-    return {"vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": h.hexdigest(), "token_bytes_sha256": tb}
+    return {"vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+            "token_bytes_sha256": tb}
 
 
 def checkpoint_tokenizer_identity(meta):
