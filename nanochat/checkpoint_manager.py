@@ -347,6 +347,22 @@ def resolve_checkpoint(arg, default_stage=None):
     raise CheckpointError(f"no checkpoint matches {arg!r} (looked in {', '.join(dict.fromkeys(candidates))}){detail}\n{describe_checkpoints()}")
 
 
+CHAT_STAGES = ("chatrl", "chatdpo", "chatsft", "mid")  # newest-first preference of the chat front ends
+
+
+def resolve_chat_checkpoint(arg=""):
+    """(dir, step) of the user's checkpoint, or else of the newest checkpoint of the most trained
+    chat stage (RL, then DPO, SFT, mid): what chat_cli and chat_web talk to by default."""
+    if arg:
+        return resolve_checkpoint(arg)
+    for stage in CHAT_STAGES:
+        try:
+            return resolve_checkpoint(f"{stage}_checkpoints/latest")
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"no chat model yet: run scripts.mid_train (and scripts.chat_sft) first\n{describe_checkpoints()}")
+
+
 # -----------------------------------------------------------------------------
 # Compatibility and model construction
 

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, describe_checkpoints, resolve_checkpoint
+from nanochat.checkpoint_manager import CheckpointError, build_model, resolve_chat_checkpoint
 from nanochat.common import autodetect_device_type, compute_dtype
 from nanochat.configurator import configure
 from nanochat.engine import Engine
@@ -41,24 +41,12 @@ configure(globals(), aliases={"p": "prompt", "t": "temperature", "k": "top_k"})
 # -----------------------------------------------------------------------------
 
 
-def find_chat_checkpoint(arg):
-    """(dir, step) of the user's checkpoint, or of the newest chat-stage checkpoint."""
-    if arg:
-        return resolve_checkpoint(arg)
-    for stage in ("chatrl", "chatdpo", "chatsft", "mid"):
-        try:
-            return resolve_checkpoint(f"{stage}_checkpoints/latest")
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"no chat model yet: run scripts.mid_train (and scripts.chat_sft) first\n{describe_checkpoints()}")
-
-
 device_type = device_type or autodetect_device_type()
 device = torch.device("cuda" if device_type == "cuda" else device_type)
 dtype = compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 try:
-    checkpoint_dir, step = find_chat_checkpoint(checkpoint)
+    checkpoint_dir, step = resolve_chat_checkpoint(checkpoint)
     model, meta = build_model(checkpoint_dir, step, device, phase="eval")
 except CheckpointError as e:
     sys.exit(f"chat_cli: {e}")

@@ -49,7 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, describe_checkpoints, resolve_checkpoint
+from nanochat.checkpoint_manager import CheckpointError, build_model, resolve_chat_checkpoint
 from nanochat.common import autodetect_device_type, compute_dtype, get_base_dir
 from nanochat.configurator import configure
 from nanochat.engine import Engine
@@ -383,17 +383,6 @@ def generate(worker, prompt, settings, emit, cancelled):
 
 
 # ----------------------------------------------------------------------------- model and workers
-def find_chat_checkpoint(arg):
-    if arg:
-        return resolve_checkpoint(arg)
-    for stage in ("chatrl", "chatdpo", "chatsft", "mid"):
-        try:
-            return resolve_checkpoint(f"{stage}_checkpoints/latest")
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"no chat model yet: run scripts.mid_train (and scripts.chat_sft) first\n{describe_checkpoints()}")
-
-
 device_type = device_type or autodetect_device_type()
 if device_type == "cuda":
     devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
@@ -405,7 +394,7 @@ else:
     if device_type == "cpu":  # share the cores between the workers instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
 try:
-    checkpoint_dir, step = find_chat_checkpoint(checkpoint)
+    checkpoint_dir, step = resolve_chat_checkpoint(checkpoint)
     models = {}
     for d in dict.fromkeys(devices):
         models[d], meta = build_model(checkpoint_dir, step, d, phase="eval")
