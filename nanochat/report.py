@@ -221,9 +221,13 @@ def plot_summary(path, columns, rows):
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.2 * len(numeric), 3.2), dpi=100)
+    ncols = min(4, len(numeric))
+    nrows = -(-len(numeric) // ncols)
+    fig = Figure(figsize=(3.4 * ncols, 2.8 * nrows), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(numeric), squeeze=False)[0]
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(numeric):]:
+        ax.set_visible(False)
     for ax, column in zip(axes, numeric):
         i = columns.index(column) + 1
         points = [(r[0], r[i]) for r in rows if isinstance(r[i], (int, float))]
