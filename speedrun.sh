@@ -59,6 +59,7 @@ fi
 export NANOCHAT_BASE_DIR="$BASE"
 export NANOCHAT_REPORT_DIR="$BASE/report"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+export PYTHONUNBUFFERED=1  # progress lines reach the terminal and the logs as they are printed
 
 # ----------------------------------------------------------------------------- venv + install
 t_setup=$(date +%s)
@@ -102,7 +103,8 @@ run_stage() {
   echo "\$ $*" | tee -a "$log"
   t0=$(date +%s)
   set +e
-  "$@" 2>&1 | tee -a "$log"
+  # tee ignores SIGINT: on Ctrl-C the stage saves a checkpoint and still has its output read
+  "$@" 2>&1 | (trap '' INT; tee -a "$log")
   rc=${PIPESTATUS[0]}
   set -e
   local secs=$(( $(date +%s) - t0 ))

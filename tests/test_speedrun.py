@@ -4,6 +4,7 @@ CI runs `bash speedrun.sh --smoke-test` itself after the test suite (see .ci/run
 Run: python -m pytest tests/test_speedrun.py -q          (add -m slow for the end-to-end runs)
 """
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -49,24 +50,33 @@ def test_smoke_run_end_to_end_then_kill_and_resume(tmp_path):
     assert {"data", "tokenizer", "base_train", "mid_train", "chat_sft", "chat_dpo", "chat_rl"} <= set(os.listdir(marks))
 
     # kill the run in the middle of SFT; a re-run skips the finished stages and resumes SFT
-    for stage in ("chat_sft", "chat_eval_sft", "chat_dpo", "chat_rl", "chat_eval_rl"):
+    for stage in ("chat_sft", "chat_eval_sft", "chat_dpo", "chat_eval_dpo", "chat_rl", "chat_eval_rl"):
         (marks / stage).unlink(missing_ok=True)
+    shutil.rmtree(base / "smoke" / "chatsft_checkpoints")  # as if SFT had not run yet
     proc = subprocess.Popen(["bash", "speedrun.sh", "--smoke-test"], cwd=REPO, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out = ""
+    out, in_sft = "", False
     deadline = time.time() + 600
     while time.time() < deadline:
         line = proc.stdout.readline()
-        out += line
-        if "[chat_sft]" in line and "====" in line:
-            time.sleep(8)
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the stage saves a checkpoint and the run stops
+        if not line:
             break
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
+        out += line
+        in_sft = in_sft or ("[chat_sft]" in line and "====" in line)
+        if in_sft and line.startswith("step 1/"):
+            # Ctrl-C, as a terminal sends it to the whole process group; the group is paused around
+            # it so the 4-step smoke SFT cannot finish before the signal lands
+            os.killpg(proc.pid, signal.SIGSTOP)
+            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGCONT)
+            break
+    out += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "stage 'chat_sft' failed (exit 130)" in out and "saved" in out.split("[chat_sft]")[-1]
     assert not (marks / "chat_sft").exists()
     r = speedrun("--smoke-test", env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "[base_train] finished in an earlier run, skipped" in r.stdout
     assert "[mid_train] finished in an earlier run, skipped" in r.stdout
+    assert "resumed from" in r.stdout.split("[chat_sft]")[1]  # from the checkpoint the Ctrl-C saved
     assert (marks / "chat_sft").exists()
