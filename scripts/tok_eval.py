@@ -23,6 +23,7 @@ config = configure(globals())
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import time
 
@@ -95,11 +96,15 @@ def hf_texts():
 
 
 n_mergeable = ours.get_vocab_size() - len(ours.get_special_tokens())
-t0 = time.time()
-hf = train_hf_bpe(hf_texts(), n_mergeable, pattern=ours.get_pattern())
-print(f"HF tokenizers BPE: trained in {time.time() - t0:.1f}s on {hf_chars:,} chars from {hf_train_dir} "
-      f"(vocab {hf.get_vocab_size()}; ours {n_mergeable} without specials)")
-peers[f"HF BPE ({hf.get_vocab_size()})"] = lambda docs: [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)]
+if importlib.util.find_spec("tokenizers") is None:  # a dev dependency: `pip install -e .` alone lacks it
+    peers["HF BPE"] = None
+    notes.append("HF BPE: skipped, HuggingFace `tokenizers` is not installed (pip install tokenizers, or -e '.[dev]')")
+else:
+    t0 = time.time()
+    hf = train_hf_bpe(hf_texts(), n_mergeable, pattern=ours.get_pattern())
+    print(f"HF tokenizers BPE: trained in {time.time() - t0:.1f}s on {hf_chars:,} chars from {hf_train_dir} "
+          f"(vocab {hf.get_vocab_size()}; ours {n_mergeable} without specials)")
+    peers[f"HF BPE ({hf.get_vocab_size()})"] = lambda docs: [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)]
 
 # ----------------------------------------------------------------------------
 # The table: bytes per token, per sample.
