@@ -24,12 +24,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from nanochat import lora, report
 from nanochat.checkpoint_manager import (CheckpointError, find_last_step, list_steps, load_checkpoint, resolve_checkpoint,
                                          save_checkpoint, stage_dir)
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
+from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_peak_flops,
                              init_wandb, print0, seed_everything)
 from nanochat.data_stats import format_stats, task_stats, write_stats
 from nanochat.tokenizer import tokenizer_fingerprint
@@ -114,12 +113,6 @@ def estimate_rows_per_epoch(task, tokenizer, T, pack=True, sample=256):
 # -----------------------------------------------------------------------------
 # Loss over assistant tokens
 
-def _all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def evaluate_loss(model, batches, device, autocast=nullcontext()):
     """Mean cross-entropy per assistant token over all batches and ranks (nan when there is none)."""
@@ -129,7 +122,7 @@ def evaluate_loss(model, batches, device, autocast=nullcontext()):
         with autocast:
             total += model(inputs, targets, loss_reduction="sum").double()
         count += (targets >= 0).sum()
-    _all_reduce_sum(total), _all_reduce_sum(count)
+    all_reduce_sum(total), all_reduce_sum(count)
     return (total / count).item() if count.item() > 0 else float("nan")
 
 
@@ -137,14 +130,14 @@ def train_micro_steps(model, batches, world_size, autocast=nullcontext()):
     """Forward + backward over one step's micro-batches; returns the step's loss per assistant token.
     The distributed optimizers average gradients over ranks, hence the factor world_size."""
     device = batches[0][1].device
-    n_tokens = _all_reduce_sum(sum((targets >= 0).sum() for _, targets in batches).float()).clamp(min=1)
+    n_tokens = all_reduce_sum(sum((targets >= 0).sum() for _, targets in batches).float()).clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in batches:
         with autocast:
             loss = model(inputs, targets, loss_reduction="sum")
         (loss * (world_size / n_tokens)).backward()
         loss_sum += loss.detach()
-    return (_all_reduce_sum(loss_sum) / n_tokens).item()  # also syncs the device: honest timings
+    return (all_reduce_sum(loss_sum) / n_tokens).item()  # also syncs the device: honest timings
 
 
 # -----------------------------------------------------------------------------

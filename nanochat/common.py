@@ -95,6 +95,13 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def all_reduce_sum(t):
+    """Sum a tensor over the ranks in place and return it (a no-op without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def seed_everything(seed: int):
     """Seed python, numpy (if present) and torch (CPU and all GPUs)."""
     random.seed(seed)
@@ -174,7 +181,7 @@ def fsync_dir(path: str):
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb"):
+def atomic_open(path: str, mode: str = "wb", encoding: str | None = None):
     """Open a temp file beside `path`; on success flush, fsync, rename over `path`, fsync the dir.
 
     On an exception the temp file is removed and `path` is untouched. Temp names start with
@@ -184,7 +191,7 @@ def atomic_open(path: str, mode: str = "wb"):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{os.getpid()}", dir=directory)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

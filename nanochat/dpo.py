@@ -18,10 +18,10 @@ per-token losses to sum. The reference log-probs need no gradient: they can be c
 the whole data set before training (no second model in memory), see scripts/chat_dpo.py.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_data import rows_to_batch
+from nanochat.common import all_reduce_sum
 
 
 def response_only(tokenizer, ids, mask):
@@ -91,12 +91,6 @@ def mean_stats(sums):
     return {k: v / n for k, v in sums.items() if k != "pairs"}
 
 
-def _all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def compute_logps(model, rendered, batch_size, pad_id, device, autocast=None, indices=None):
     """(N, 2) tensor of [chosen, rejected] response log-probs for every pair in `rendered` under
@@ -127,7 +121,7 @@ def evaluate_pairs(model, rendered, ref_logps, beta, batch_size, pad_id, device,
     groups: a name per pair (e.g. its source task) for per-source numbers; ref_logps: (N, 2)."""
     logps = compute_logps(model, rendered, batch_size, pad_id, device, autocast,
                           indices=shard_indices(len(rendered), rank, world_size))
-    _all_reduce_sum(logps)
+    all_reduce_sum(logps)
     ref_logps = ref_logps.to(logps.device)
     result = {"all": mean_stats(pair_stats(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta))}
     for name in sorted(set(groups or [])):

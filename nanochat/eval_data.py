@@ -32,7 +32,7 @@ import tempfile
 import urllib.request
 import zipfile
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_open, get_base_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FORMAT_VERSION = 1
@@ -291,18 +291,8 @@ def validate_row(row, task_type, where):
 
 
 def _write_atomic(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_members(archive, members):

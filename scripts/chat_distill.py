@@ -31,14 +31,13 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from nanochat import report, tasks
 from nanochat.chat_data import conversation_batches, conversation_eval_batches, evaluate_loss
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint,
                                          resolve_checkpoint, save_checkpoint, stage_dir)
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init, get_base_dir,
-                             get_peak_flops, init_wandb, print0, seed_everything)
+from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+                             get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
 from nanochat.distill import (TokenizerMismatchError, check_same_tokenizer, checkpoint_tokenizer_identity,
@@ -278,12 +277,6 @@ def reasoning_accuracy(m):
         thought += text.startswith("<think>") and "</think>" in text
     m.train()
     return correct / len(reasoning_eval), thought / len(reasoning_eval)
-
-
-def all_reduce_sum(t):
-    if ddp:
-        dist.all_reduce(t)
-    return t
 
 
 def save(step):

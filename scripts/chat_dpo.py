@@ -33,7 +33,8 @@ import torch
 
 from nanochat import dpo, lora, report, tasks
 from nanochat.checkpoint_manager import CheckpointError, find_last_step, list_steps, load_checkpoint, resolve_checkpoint, save_checkpoint, stage_dir
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, init_wandb, print0, seed_everything
+from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+                             init_wandb, print0, seed_everything)
 from nanochat.configurator import configure
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
@@ -209,12 +210,12 @@ ref_model.eval()
 with ref_context():
     eval_ref = dpo.compute_logps(ref_model, eval_set, B, pad_id, device, autocast,
                                  indices=dpo.shard_indices(len(eval_set), rank, world_size))
-    dpo._all_reduce_sum(eval_ref)
+    all_reduce_sum(eval_ref)
     train_ref = None
     if precompute_ref:
         train_ref = dpo.compute_logps(ref_model, train_pairs, B, pad_id, device, autocast,
                                       indices=dpo.shard_indices(len(train_pairs), rank, world_size))
-        dpo._all_reduce_sum(train_ref)
+        all_reduce_sum(train_ref)
 ref_model.train(was_training)
 if precompute_ref and ref_model is not orig_model:
     del ref_model  # nothing needs it any more
@@ -322,7 +323,7 @@ while True:
         sums = stats if sums is None else {key: sums[key] + stats[key] for key in sums}
     totals = torch.tensor([sums["loss"], sums["margin"], sums["reward_acc"], sums["pairs"]], device=device,
                           dtype=torch.float64)
-    dpo._all_reduce_sum(totals)
+    all_reduce_sum(totals)
     loss_value, margin_value, acc_value = (totals[:3] / totals[3]).tolist()
     if grad_clip > 0:
         clip_grad_norm(orig_model, optimizers, grad_clip)

@@ -28,12 +28,12 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_rl.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 
 from nanochat import report, tasks
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, resolve_checkpoint,
                                          save_checkpoint, stage_dir)
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0, seed_everything
+from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0,
+                             seed_everything)
 from nanochat.configurator import configure
 from nanochat.engine import Engine
 from nanochat.rl import (LongArithmetic, completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch,
@@ -105,12 +105,9 @@ wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb
 tokenizer = get_tokenizer()
 
 
-def all_reduce_sum(values):
+def sum_over_ranks(values):
     """Sum a list of floats over the ranks (a no-op with one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def make_task(name, split, size):
@@ -193,7 +190,7 @@ def evaluate(step):
             totals[0] += pass_at_k(eval_samples, c, 1)
             totals[1] += pass_at_k(eval_samples, c, eval_k)
             totals[2] += 1
-        p1, pk, n = all_reduce_sum(totals)
+        p1, pk, n = sum_over_ranks(totals)
         metrics[f"{name} pass@1"] = p1 / n
         metrics[f"{name} pass@{eval_k}"] = pk / n
     return metrics
@@ -238,7 +235,7 @@ def train_on(sequences, advantages):
             ref = token_logprobs(ref_model, inputs, targets) if ref_model is not None else None
         micro.append((inputs, targets, adv, old, ref))
     local_tokens = float(sum((t >= 0).sum().item() for _, t, _, _, _ in micro))
-    (n_tokens,) = all_reduce_sum([local_tokens])
+    (n_tokens,) = sum_over_ranks([local_tokens])
     stats = [0.0, 0.0, 0.0]  # pg, kl sum, clipped tokens (last epoch)
     for epoch in range(ppo_epochs):
         stats = [0.0, 0.0, 0.0]
@@ -258,7 +255,7 @@ def train_on(sequences, advantages):
             for opt in optimizers:
                 opt.step()
         model.zero_grad(set_to_none=True)
-    pg, kl_sum, clip_sum = all_reduce_sum(stats)
+    pg, kl_sum, clip_sum = sum_over_ranks(stats)
     return pg, kl_sum / max(n_tokens, 1.0), clip_sum / max(n_tokens, 1.0), n_tokens
 
 
@@ -301,7 +298,7 @@ while True:
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
     set_schedule(optimizers, lrm, step)
     pg, kl, clip_frac, n_tokens = train_on(sequences, advantages)
-    reward_sum, correct_sum, count = all_reduce_sum([reward_sum, correct_sum, count])
+    reward_sum, correct_sum, count = sum_over_ranks([reward_sum, correct_sum, count])
     dt = time.time() - t0
     eta.update(dt)
     step += 1
