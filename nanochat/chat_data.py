@@ -196,9 +196,10 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
                          f"device_batch_size*world_size = {examples_per_micro_step}")
     grad_accum_steps = max(1, o["target_examples_per_step"] // examples_per_micro_step)
     rows_per_step = examples_per_micro_step * grad_accum_steps
+    epoch_rows = estimate_rows_per_epoch(train_task, tokenizer, T, pack)
     num_iterations = o["num_iterations"]
     if num_iterations <= 0:  # one epoch of the mixture
-        num_iterations = max(1, estimate_rows_per_epoch(train_task, tokenizer, T, pack) // rows_per_step)
+        num_iterations = max(1, epoch_rows // rows_per_step)
     print0(f"{stage}: from {loaded} | model: {model_config}")
     if lora_rank > 0:
         trainable, total = lora.count_parameters(orig_model)
@@ -236,7 +237,6 @@ def finetune(stage, source, source_stage, train_task, val_task, tokenizer, opts,
 
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     if master:  # what this run trains on, per task, beside its config snapshot
-        epoch_rows = estimate_rows_per_epoch(train_task, tokenizer, T, pack)
         stats = task_stats(train_task, val_task, tokenizer, round(num_iterations * rows_per_step * len(train_task) / epoch_rows))
         write_stats(checkpoint_dir, stats)
         print0(format_stats(stats))
