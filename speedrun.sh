@@ -5,10 +5,14 @@
 # re-running skips finished stages and resumes the interrupted one from its last checkpoint.
 usage() {
   cat <<'EOF'
-usage: bash speedrun.sh [--smoke-test] [--skip-pretrain] [--force-pretrain] [--fresh] [-h|--help]
+usage: bash speedrun.sh [--plan] [--smoke-test] [--skip-pretrain] [--force-pretrain] [--fresh] [-h|--help]
 
-  (no option)        GPUs: torchrun with configs/d20.py; one GPU: the same without torchrun;
+  (no option)        GPUs: torchrun with configs/d20.py on web data (FineWeb-Edu + Chinese FineWeb-Edu),
+                     downloading exactly the shards its horizon needs while the tokenizer trains; with
+                     no network, a model sized to the offline corpus; one GPU: the same without torchrun;
                      CPU: configs/cpu.py and friends (tens of minutes on 2 cores)
+  --plan             print mode, GPUs, config, depth, parameters, tokens, shards to fetch, epochs, an
+                     estimated time and the launch command, then exit (trains nothing)
   --smoke-test       CPU, a tiny subset (pretrain 64 docs per source, SFT 16, DPO 8), a few steps per
                      stage, 8 eval samples: the whole pipeline in minutes. Uses <base>/smoke as its
                      base dir, so it never touches a real run's tokenizer or checkpoints.
@@ -28,14 +32,18 @@ environment:
   DEPTH                      model depth (overrides the config's)
   WANDB_RUN                  wandb run name (default: no wandb)
   NANOCHAT_PRETRAINED_PATH   a base checkpoint for --skip-pretrain
+  NANOCHAT_DATA_URL          a mirror of the web shards: shard i of source S at URL/S/shard_{i:05d}.parquet
+  PRETRAIN_SOURCES           GPU web mixture (default fineweb-edu:0.8,fineweb-edu-zh:0.2)
+  NANOCHAT_GPUS              the GPU count --plan plans for (default: the GPUs torch sees)
 EOF
 }
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SMOKE=0; SKIP_PRETRAIN=0; FORCE_PRETRAIN=0; FRESH=0
+SMOKE=0; SKIP_PRETRAIN=0; FORCE_PRETRAIN=0; FRESH=0; PLAN_ONLY=0
 for arg in "$@"; do
   case "$arg" in
+    --plan) PLAN_ONLY=1 ;;
     --smoke-test) SMOKE=1 ;;
     --skip-pretrain) SKIP_PRETRAIN=1 ;;
     --force-pretrain) FORCE_PRETRAIN=1 ;;
@@ -67,7 +75,9 @@ t_setup=$(date +%s)
 PY="$PWD/.venv/bin/python"
 # rebuild only when the packaging or the Rust sources changed
 install_hash=$(cat pyproject.toml rustbpe/Cargo.toml rustbpe/src/*.rs | sha256sum | cut -c1-16)
-if [ "$(cat .venv/.nanochat-installed 2>/dev/null)" != "$install_hash" ]; then
+if [ "$PLAN_ONLY" = 1 ] && "$PY" -c "import nanochat.plan" 2>/dev/null; then
+  :  # --plan only reads: any working install will do
+elif [ "$(cat .venv/.nanochat-installed 2>/dev/null)" != "$install_hash" ]; then
   echo "[setup] pip install -e . (builds rustbpe; the first time also downloads torch)"
   .venv/bin/pip install -q --disable-pip-version-check -e .
   echo "$install_hash" > .venv/.nanochat-installed
@@ -75,20 +85,78 @@ fi
 
 # ----------------------------------------------------------------------------- hardware -> mode
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+[ "$PLAN_ONLY" = 1 ] && [ -n "${NANOCHAT_GPUS:-}" ] && NGPU=$NANOCHAT_GPUS  # plan for GPUs this machine lacks
 if [ "$SMOKE" = 1 ]; then MODE=smoke; elif [ "$NGPU" -gt 0 ]; then MODE=gpu; else MODE=cpu; fi
 if [ "$NGPU" -gt 1 ] && [ "$MODE" = gpu ]; then
   LAUNCH=("$PWD/.venv/bin/torchrun" --standalone "--nproc_per_node=$NGPU" -m)
 else
   LAUNCH=("$PY" -m)
 fi
+# Every stage runs as "${LAUNCH[@]}" MODULE -- OPTIONS: the `--` keeps torchrun from reading the
+# script's options as its own (it takes --run=NAME for an abbreviation of --run-path).
+
+# ----------------------------------------------------------------------------- per-mode settings
+# GPU mode sizes the run to its data (nanochat.plan): web shards for the d20 horizon when the sources
+# answer, else the largest model the offline corpus covers within 4 epochs.
+PLAN_ARGS=(configs/d20.py "--gpus=$NGPU" "--sources=${PRETRAIN_SOURCES:-fineweb-edu:0.8,fineweb-edu-zh:0.2}")
+[ -n "${DEPTH:-}" ] && PLAN_ARGS+=("--depth=$DEPTH")
+[ "${USE_MOE:-false}" = true ] && PLAN_ARGS+=(--moe)
+gpu_base_args() {  # BASE_ARGS, TAG and the data-reading options from the PLAN_* variables
+  BASE_ARGS=(configs/d20.py "--depth=$PLAN_DEPTH" "--device_batch_size=$PLAN_DEVICE_BATCH_SIZE"
+             "--total_batch_size=$PLAN_TOTAL_BATCH_SIZE" "--data_dir=$PLAN_DATA_DIR")
+  [ "$PLAN_DATA" = offline ] && BASE_ARGS+=("--num_iterations=$PLAN_NUM_ITERATIONS")
+  TAG="d$PLAN_DEPTH"; VOCAB=$PLAN_VOCAB; DATA_DIR_ARGS=("--data_dir=$PLAN_DATA_DIR")
+}
+DATA_DIR_ARGS=()
+case "$MODE" in
+  smoke)
+    DATA_ARGS=(--max_docs=64); VOCAB=2048; TAG=d2
+    BASE_ARGS=(configs/smoke.py)
+    EVAL_ARGS=(--max_per_task=8); BPB_ARGS=(--split_tokens=4096 --device_batch_size=4)
+    MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
+              --generated_examples=32 --identity_examples=16 --chitchat_examples=16 --multiple_choice_examples=16)
+    SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
+              --generated_examples=16 --identity_examples=16 --chitchat_examples=0 --eval_problems=0)
+    DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
+    CHAT_EVAL_ARGS=(--max_problems=8 --max_new_tokens=48) ;;
+  cpu)
+    DATA_ARGS=(); VOCAB=8192; TAG=d4
+    BASE_ARGS=(configs/cpu.py)
+    EVAL_ARGS=(--max_per_task=100); BPB_ARGS=(--split_tokens=262144)
+    MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
+    DPO_ARGS=(configs/cpu_dpo.py); RL_ARGS=(configs/cpu_rl.py)
+    CHAT_EVAL_ARGS=(--max_problems=64 --max_new_tokens=128) ;;
+  gpu)
+    plan_shell=$("$PY" -m nanochat.plan "${PLAN_ARGS[@]}" --shell)  # probes the web sources (seconds)
+    eval "$plan_shell"
+    gpu_base_args
+    DATA_ARGS=()
+    EVAL_ARGS=(--max_per_task=0); BPB_ARGS=()
+    MID_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); RL_ARGS=(); CHAT_EVAL_ARGS=() ;;
+esac
+# every stage names its checkpoints by TAG, so other models in the base dir are never picked up
+[ -n "${DEPTH:-}" ] && [ "$MODE" != gpu ] && BASE_ARGS+=("--depth=$DEPTH") && TAG="d$DEPTH"
+MOE_ARGS=()
+if [ "${USE_MOE:-false}" = true ]; then  # base_train tags MoE runs d<depth>_moe<experts>x<top-k>
+  MOE_ARGS=(--n_experts=4 --experts_per_token=1)  # 4x the MLP weights, same active
+fi
+[ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
+[ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
+WANDB=(); [ -n "${WANDB_RUN:-}" ] && WANDB=("--run=$WANDB_RUN")
+
+if [ "$PLAN_ONLY" = 1 ]; then
+  if [ "$MODE" = gpu ]; then "$PY" -m nanochat.plan "${PLAN_ARGS[@]}"; else "$PY" -m nanochat.plan "${BASE_ARGS[0]}" --cpu; fi
+  echo "launch      ${LAUNCH[*]} scripts.base_train -- ${BASE_ARGS[*]} ${MOE_ARGS[*]} ${WANDB[*]}"
+  exit 0
+fi
+[ "${USE_MOE:-false}" = true ] && TAG="${TAG}_moe4x1"
+
 RUN_DIR="$BASE/speedrun/$MODE"; LOGS="$RUN_DIR/logs"; MARKS="$RUN_DIR/done"
 [ "$FRESH" = 1 ] && rm -rf "$MARKS"
 mkdir -p "$LOGS" "$MARKS"
 if [ -z "$(ls -A "$MARKS")" ]; then "$PY" -m nanochat.report reset; fi  # a new run: a new report
 "$PY" -m nanochat.report stage --name=setup --seconds=$(( $(date +%s) - t_setup ))
 echo "[speedrun] mode $MODE ($NGPU GPU), base dir $BASE, logs $LOGS"
-
-WANDB=(); [ -n "${WANDB_RUN:-}" ] && WANDB=("--run=$WANDB_RUN")
 RESUME=(--resume); [ "$FRESH" = 1 ] && RESUME=()  # an interrupted stage continues from its last checkpoint
 
 # run_stage NAME CMD...: banner, log, timing; a failure stops the run naming the stage and its log
@@ -119,48 +187,34 @@ run_stage() {
   echo "[$name] done in ${secs}s"
 }
 
-# ----------------------------------------------------------------------------- per-mode settings
-case "$MODE" in
-  smoke)
-    DATA_ARGS=(--max_docs=64); VOCAB=2048
-    BASE_ARGS=(configs/smoke.py)
-    EVAL_ARGS=(--max_per_task=8); BPB_ARGS=(--split_tokens=4096 --device_batch_size=4)
-    MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
-              --generated_examples=32 --identity_examples=16 --chitchat_examples=16 --multiple_choice_examples=16)
-    SFT_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
-              --generated_examples=16 --identity_examples=16 --chitchat_examples=0 --eval_problems=0)
-    DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
-    CHAT_EVAL_ARGS=(--max_problems=8 --max_new_tokens=48) ;;
-  cpu)
-    DATA_ARGS=(); VOCAB=8192
-    BASE_ARGS=(configs/cpu.py)
-    EVAL_ARGS=(--max_per_task=100); BPB_ARGS=(--split_tokens=262144)
-    MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
-    DPO_ARGS=(configs/cpu_dpo.py); RL_ARGS=(configs/cpu_rl.py)
-    CHAT_EVAL_ARGS=(--max_problems=64 --max_new_tokens=128) ;;
-  gpu)
-    DATA_ARGS=(); VOCAB=65536
-    BASE_ARGS=(configs/d20.py)
-    EVAL_ARGS=(--max_per_task=0); BPB_ARGS=()
-    MID_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); RL_ARGS=(); CHAT_EVAL_ARGS=() ;;
-esac
-# every stage names its checkpoints by this tag, so other models in the base dir are never picked up
-case "$MODE" in smoke) TAG=d2 ;; cpu) TAG=d4 ;; gpu) TAG=d20 ;; esac
-[ -n "${DEPTH:-}" ] && BASE_ARGS+=("--depth=$DEPTH") && TAG="d$DEPTH"
-if [ "${USE_MOE:-false}" = true ]; then  # base_train tags MoE runs d<depth>_moe<experts>x<top-k>
-  BASE_ARGS+=(--n_experts=4 --experts_per_token=1); TAG="${TAG}_moe4x1"  # 4x the MLP weights, same active
-fi
-[ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
-[ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
-
 # ----------------------------------------------------------------------------- data + tokenizer
-if [ -n "${PRETRAIN_JSON:-}" ]; then
-  run_stage data "$PY" -m nanochat.dataset "--input=$PRETRAIN_JSON" "${DATA_ARGS[@]}"
+if [ "$MODE" = gpu ] && [ "$PLAN_DATA" = web ]; then
+  # nanochat's order: the shards the tokenizer needs first, then the rest in the background while it trains
+  run_stage data_first "$PY" -m nanochat.dataset "--sources=$PLAN_SOURCES" "--num_shards=$PLAN_TOKENIZER_SHARDS" \
+    "--output_dir=$PLAN_DATA_DIR"
+  echo "[data] fetching the other shards ($PLAN_SHARDS) in the background; log: $LOGS/data.log"
+  ( run_stage data "$PY" -m nanochat.dataset "--sources=$PLAN_SOURCES" "--num_shards=$PLAN_SHARDS" \
+      "--output_dir=$PLAN_DATA_DIR" > /dev/null ) &
+  data_pid=$!
+  run_stage tokenizer "$PY" -m scripts.tok_train -- "--vocab_size=$VOCAB" --max_chars=2000000000 "${DATA_DIR_ARGS[@]}"
+  run_stage tok_eval "$PY" -m scripts.tok_eval -- --references=False --hf_max_chars=5000000 "${DATA_DIR_ARGS[@]}"
+  echo "[data] waiting for the background download"
+  wait "$data_pid" || { echo "[speedrun] the shard download failed: $LOGS/data.log; re-run to fetch what is missing" >&2; exit 1; }
 else
-  run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
+  if [ "$MODE" = gpu ]; then echo "[speedrun] no web data ($PLAN_WHY_OFFLINE): the offline corpus, a model sized to it"; fi
+  if [ -n "${PRETRAIN_JSON:-}" ]; then
+    run_stage data "$PY" -m nanochat.dataset "--input=$PRETRAIN_JSON" "${DATA_ARGS[@]}"
+  else
+    run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
+  fi
+  run_stage tokenizer "$PY" -m scripts.tok_train -- "--vocab_size=$VOCAB"
+  run_stage tok_eval "$PY" -m scripts.tok_eval -- --references=False --hf_max_chars=5000000
+  if [ "$MODE" = gpu ]; then  # now the corpus and tokenizer exist: count its tokens exactly, size the model again
+    eval "$("$PY" -m nanochat.plan "${PLAN_ARGS[@]}" --offline --shell)"
+    gpu_base_args
+    [ "${USE_MOE:-false}" = true ] && TAG="${TAG}_moe4x1"
+  fi
 fi
-run_stage tokenizer "$PY" -m scripts.tok_train "--vocab_size=$VOCAB"
-run_stage tok_eval "$PY" -m scripts.tok_eval --references=False --hf_max_chars=5000000
 
 # ----------------------------------------------------------------------------- pretraining
 BASE_CKPT="base_checkpoints/$TAG"
@@ -179,26 +233,26 @@ fi
 if [ "$pretrain" = 1 ]; then
   if [ "$FORCE_PRETRAIN" = 1 ]; then
     rm -f "$MARKS/base_train" "$MARKS/base_eval" "$MARKS/base_loss"
-    run_stage base_train "${LAUNCH[@]}" scripts.base_train "${BASE_ARGS[@]}" "${WANDB[@]}"
+    run_stage base_train "${LAUNCH[@]}" scripts.base_train -- "${BASE_ARGS[@]}" "${MOE_ARGS[@]}" "${WANDB[@]}"
   else
-    run_stage base_train "${LAUNCH[@]}" scripts.base_train "${BASE_ARGS[@]}" "${WANDB[@]}" "${RESUME[@]}"
+    run_stage base_train "${LAUNCH[@]}" scripts.base_train -- "${BASE_ARGS[@]}" "${MOE_ARGS[@]}" "${WANDB[@]}" "${RESUME[@]}"
   fi
 fi
-run_stage base_loss "${LAUNCH[@]}" scripts.base_loss "--checkpoint=$BASE_CKPT" "${BPB_ARGS[@]}"
-run_stage base_eval "${LAUNCH[@]}" scripts.base_eval "--checkpoint=$BASE_CKPT" "${EVAL_ARGS[@]}"
+run_stage base_loss "${LAUNCH[@]}" scripts.base_loss -- "--checkpoint=$BASE_CKPT" "${BPB_ARGS[@]}" "${DATA_DIR_ARGS[@]}"
+run_stage base_eval "${LAUNCH[@]}" scripts.base_eval -- "--checkpoint=$BASE_CKPT" "${EVAL_ARGS[@]}" "${DATA_DIR_ARGS[@]}"
 
 # ----------------------------------------------------------------------------- chat stages
-run_stage mid_train "${LAUNCH[@]}" scripts.mid_train "${MID_ARGS[@]}" "--base_checkpoint=$BASE_CKPT" \
+run_stage mid_train "${LAUNCH[@]}" scripts.mid_train -- "${MID_ARGS[@]}" "--base_checkpoint=$BASE_CKPT" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
-run_stage chat_sft "${LAUNCH[@]}" scripts.chat_sft "${SFT_ARGS[@]}" "--mid_checkpoint=mid_checkpoints/$TAG" \
+run_stage chat_sft "${LAUNCH[@]}" scripts.chat_sft -- "${SFT_ARGS[@]}" "--mid_checkpoint=mid_checkpoints/$TAG" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
-run_stage chat_eval_sft "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatsft_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
-run_stage chat_dpo "${LAUNCH[@]}" scripts.chat_dpo "${DPO_ARGS[@]}" "--sft_checkpoint=chatsft_checkpoints/$TAG" \
+run_stage chat_eval_sft "${LAUNCH[@]}" scripts.chat_eval -- "--checkpoint=chatsft_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+run_stage chat_dpo "${LAUNCH[@]}" scripts.chat_dpo -- "${DPO_ARGS[@]}" "--sft_checkpoint=chatsft_checkpoints/$TAG" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
-run_stage chat_eval_dpo "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatdpo_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
-run_stage chat_rl "${LAUNCH[@]}" scripts.chat_rl "${RL_ARGS[@]}" "--sft_checkpoint=chatdpo_checkpoints/$TAG" \
+run_stage chat_eval_dpo "${LAUNCH[@]}" scripts.chat_eval -- "--checkpoint=chatdpo_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+run_stage chat_rl "${LAUNCH[@]}" scripts.chat_rl -- "${RL_ARGS[@]}" "--sft_checkpoint=chatdpo_checkpoints/$TAG" \
   "--model_tag=$TAG" "${WANDB[@]}" "${RESUME[@]}"
-run_stage chat_eval_rl "${LAUNCH[@]}" scripts.chat_eval "--checkpoint=chatrl_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
+run_stage chat_eval_rl "${LAUNCH[@]}" scripts.chat_eval -- "--checkpoint=chatrl_checkpoints/$TAG" -a all "${CHAT_EVAL_ARGS[@]}"
 
 # ----------------------------------------------------------------------------- report
 "$PY" -m nanochat.report generate --out=report.md

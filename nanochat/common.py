@@ -102,6 +102,15 @@ def all_reduce_sum(t):
     return t
 
 
+def broadcast_from_master(obj):
+    """Rank 0's value of a picklable object on every rank (the object itself without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def seed_everything(seed: int):
     """Seed python, numpy (if present) and torch (CPU and all GPUs)."""
     random.seed(seed)

@@ -193,7 +193,7 @@ def configure(globals_dict: dict, argv=None, aliases=None) -> dict:
     Returns {key: final value} for every option (for the run's config snapshot).
     Bad input prints a message and exits with code 2; --help prints the options and exits 0.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]  # `-m scripts.x -- ...` as under torchrun
     aliases = dict(aliases or {})
     keys = config_keys(globals_dict)
     defaults = {k: globals_dict[k] for k in keys}

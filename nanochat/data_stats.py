@@ -3,7 +3,8 @@ What a training run actually trained on, per source: documents, tokens, how many
 run samples, and the val fraction. Every training script writes dataset_stats.json beside its
 config snapshot (config.json in the checkpoint directory), so a checkpoint says what it saw.
 
-Pretraining (corpus_stats): per `source` column of the parquet shards. Tokens are counted by
+Pretraining (corpus_stats): per source (the `source` column of a built corpus, the folder of a
+downloaded one; one epoch of a download is its interleaved reading order). Tokens are counted by
 tokenizing the train split up to `max_chars` characters; beyond that each document counts as
 its source's mean (marked "estimated"), so a multi-GB corpus costs seconds, not minutes. Sampled documents = documents x epochs, the
 epochs of the run being the tokens it trains on / the train tokens (the shards are shuffled
@@ -15,9 +16,7 @@ tasks' examples, so a run that takes N examples samples each task in proportion 
 import json
 import os
 
-import pyarrow.parquet as pq
-
-from nanochat.dataset import list_parquet_files
+from nanochat.dataset import iter_row_groups
 
 MAX_CHARS = 50_000_000  # tokenize at most this much text per run start (seconds); extrapolate beyond
 
@@ -27,19 +26,18 @@ def corpus_stats(data_dir, tokenizer, tokens_to_train, max_chars=MAX_CHARS):
     Reads only the `source` column, plus the text of the first max_chars characters of train."""
     per_source, budget = {}, max_chars
     for split in ("train", "val"):
-        for path in list_parquet_files(split, data_dir=data_dir):
-            pf = pq.ParquetFile(path)
-            for rg in range(pf.num_row_groups):
-                sources = pf.read_row_group(rg, columns=["source"]).column("source").to_pylist()
-                for source in sources:
-                    per_source.setdefault(source, _empty())[f"{split}_docs"] += 1
-                if split == "train" and budget > 0:  # exact token counts while the budget lasts
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-                    budget -= sum(map(len, texts))
-                    for source, ids in zip(sources, tokenizer.encode(texts)):
-                        s = per_source[source]
-                        s["counted_docs"] += 1
-                        s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
+        for _, values in iter_row_groups(split, data_dir, columns=("source",)):
+            for source in values["source"]:
+                per_source.setdefault(source, _empty())[f"{split}_docs"] += 1
+        if split == "train":  # exact token counts while the budget lasts, in reading order (every source of a mixture)
+            for _, values in iter_row_groups(split, data_dir, columns=("source", "text")):
+                if budget <= 0:
+                    break
+                budget -= sum(map(len, values["text"]))
+                for source, ids in zip(values["source"], tokenizer.encode(values["text"])):
+                    s = per_source[source]
+                    s["counted_docs"] += 1
+                    s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
     return _finish_corpus(per_source, tokens_to_train)
 
 

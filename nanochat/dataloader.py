@@ -17,20 +17,9 @@ already taken from it) is exact: resuming re-tokenizes that row group and skips 
 """
 import bisect
 
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import list_parquet_files
-
-
-def iter_row_groups(split, data_dir=None):
-    """Yield (global row-group index, list of texts) over the split's shards, in order."""
-    index = 0
-    for path in list_parquet_files(split, data_dir=data_dir):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            yield index, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-            index += 1
+from nanochat.dataset import iter_row_groups
 
 
 def pack_rows(docs_tokens, row_len):
@@ -84,10 +73,8 @@ def data_loader(B, T, split, tokenizer, device="cpu", lane=0, num_lanes=1, state
     pending = []  # rows not yet put into a batch: (row, position after taking it)
     while True:
         any_rows = False
-        for rg_index, texts in iter_row_groups(split, data_dir):
-            if rg_index < start_rg:
-                continue
-            docs = texts[lane::num_lanes]
+        for rg_index, values in iter_row_groups(split, data_dir, start=start_rg):
+            docs = values["text"][lane::num_lanes]
             tokens = []
             for i in range(0, len(docs), encode_batch):
                 tokens.extend(tokenizer.encode(docs[i:i + encode_batch], prepend=bos))

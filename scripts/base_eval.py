@@ -5,7 +5,7 @@ optionally its val bits per byte.
     python -m scripts.base_eval --checkpoint=base_checkpoints/d4
     python -m scripts.base_eval --checkpoint=base_checkpoints/d4 --random_init     # the ~0 baseline
     python -m scripts.base_eval --tasks=arc_easy,piqa --max_per_task=0             # 0: every example
-    torchrun --nproc_per_node=2 -m scripts.base_eval --checkpoint=base_checkpoints/latest
+    torchrun --nproc_per_node=2 -m scripts.base_eval -- --checkpoint=base_checkpoints/latest
 
 Data: the DCLM eval bundle in <base>/eval_bundle/ when present (--bundle=dclm downloads it where a
 network exists); otherwise the tasks converted offline from pinned packages (nanochat/eval_data.py).

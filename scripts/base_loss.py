@@ -2,7 +2,7 @@
 Bits per byte of a base checkpoint on the train and val shards, plus a few greedy samples.
 
     python -m scripts.base_loss --checkpoint=base_checkpoints/latest
-    torchrun --nproc_per_node=2 -m scripts.base_loss --checkpoint=base_checkpoints/d4
+    torchrun --nproc_per_node=2 -m scripts.base_loss -- --checkpoint=base_checkpoints/d4
 """
 import os
 import sys

@@ -2,9 +2,14 @@
 Pretrain the base model on the parquet shards.
 
     python -m scripts.base_train configs/cpu.py --depth=4 --max_seq_len=256
-    torchrun --nproc_per_node=2 -m scripts.base_train configs/dual_gpu/stable_26gb.py
+    torchrun --nproc_per_node=2 -m scripts.base_train -- configs/dual_gpu/stable_26gb.py --run=NAME
     python -m scripts.base_train configs/cpu.py --resume        # continue the newest checkpoint
     python -m scripts.base_train configs/cpu.py --n_experts=4 --experts_per_token=1   # MoE MLPs
+    python -m scripts.base_train configs/cpu.py --compile=True --dtype=bfloat16       # the GPU code paths, on CPU
+
+The `--` after the module keeps torchrun from reading the script's options as its own (it would
+take --run=NAME for its --run-path). Before the first step the run checks that its data covers
+its horizon: more than --max_epochs passes over the corpus stops it with the figures and the fixes.
 
 Ctrl-C (or SIGTERM) saves a checkpoint and exits; `--resume` continues from it with the same
 model, optimizer, data position and RNG, so an interrupted run ends where an uninterrupted one would.
@@ -23,13 +28,15 @@ import torch.distributed as dist
 
 from nanochat import report
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+from nanochat.common import (autodetect_device_type, broadcast_from_master, compute_cleanup, compute_dtype, compute_init,
                              get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
 from nanochat.configurator import configure
 from nanochat.data_stats import corpus_stats, format_stats, write_stats
 from nanochat.dataloader import data_loader
+from nanochat.dataset import default_data_dir
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat.plan import epoch_problem
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
 from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
                                lr_multiplier,
@@ -75,7 +82,9 @@ keep_last = 2                  # older checkpoints are removed once a new one is
 model_tag = ""                 # default d<depth> (MoE: d<depth>_moe<experts>x<k>)
 resume = False
 resume_from_step = -1
-compile = True                 # torch.compile on CUDA
+compile = None                 # torch.compile the model: True | False | None (on for CUDA); works on CPU too (inductor)
+dtype = ""                     # autocast dtype: bfloat16 | float32; empty: bf16 on CUDA GPUs that have it, else fp32
+max_epochs = 4.0               # refuse a horizon that reads the data more often than this (it would memorize)
 seed = 42
 max_memory_frac = 0.9          # save and stop before RSS passes this fraction of RAM
 data_dir = ""                  # default: <base>/base_data
@@ -86,9 +95,8 @@ device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)  # the same on every rank: identical initial weights (there is no DDP broadcast)
-dtype = compute_dtype(device_type)
+dtype = getattr(torch, dtype) if dtype else compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -98,16 +106,12 @@ moe = dict(n_experts=n_experts, experts_per_token=experts_per_token, shared_expe
            moe_aux_loss_coef=moe_aux_loss_coef, moe_capacity_factor=moe_capacity_factor) if n_experts else {}
 model_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len,
                                  n_kv_head=n_kv_head or None, **moe)
-with torch.device("meta"):
+with torch.device("meta"):  # sizes first: the data check below needs no memory for the weights
     model = GPT(model_config)
-model.to_empty(device=device)
-model.init_weights()
-orig_model = model
-if compile and device_type == "cuda":
-    model = torch.compile(model, dynamic=False)
-num_params = orig_model.num_params()
-num_active_params = orig_model.num_active_params()  # == num_params for a dense model
-flops_per_token = orig_model.estimate_flops()
+num_params = model.num_params()
+num_active_params = model.num_active_params()  # == num_params for a dense model
+flops_per_token = model.estimate_flops()
+compile = device_type == "cuda" if compile is None else compile
 
 tokens_per_micro_step = device_batch_size * max_seq_len * world_size
 assert total_batch_size % tokens_per_micro_step == 0, \
@@ -118,18 +122,41 @@ if num_iterations <= 0:
 print0(f"model: {model_config}")
 print0(f"params: {num_params:,}" + (f" ({num_active_params:,} active per token)" if n_experts else "")
        + f" | FLOPs/token: {flops_per_token:.3e} | vocab: {vocab_size:,}")
-if n_experts and compile and device_type == "cuda" and moe_capacity_factor == 0:
+if n_experts and compile and moe_capacity_factor == 0:
     print0("note: MoE buckets sized by the largest expert load change shape every step; "
            "--moe_capacity_factor=1.25 keeps them static for torch.compile")
 print0(f"batch: {total_batch_size:,} tokens = {device_batch_size} x {max_seq_len} x {world_size} ranks x {grad_accum_steps} accum"
        f" | steps: {num_iterations:,} | tokens: {num_iterations * total_batch_size:,}")
 
-optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                         matrix_lr=matrix_lr, weight_decay=weight_decay)
-
-# ----------------------------------------------------------------------------- resume
 default_tag = f"d{depth}_moe{n_experts}x{experts_per_token}" if n_experts else f"d{depth}"  # never over a dense run's
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag or default_tag)
+
+# ----------------------------------------------------------------------------- does the data cover the horizon?
+tokenizer_hash = tokenizer_fingerprint(tokenizer)
+epoch_stop = None
+if master:  # what this run trains on, per source; the tokens it holds against the tokens the run needs
+    dataset_stats = corpus_stats(data_dir or None, tokenizer, num_iterations * total_batch_size)
+    print0(format_stats(dataset_stats))
+    print0(f"data: {dataset_stats['_run']['train_tokens']:,} train tokens | this run: {num_iterations * total_batch_size:,} "
+           f"tokens = {dataset_stats['_run']['epochs']:.2f} epochs (limit {max_epochs:g})")
+    epoch_stop = epoch_problem(dataset_stats, max_epochs, depth, vocab_size, max_seq_len, target_param_data_ratio,
+                               total_batch_size, data_dir or default_data_dir(), n_kv_head=n_kv_head or None, **moe)
+    if epoch_stop is None:
+        write_stats(checkpoint_dir, dataset_stats)
+epoch_stop = broadcast_from_master(epoch_stop)
+if epoch_stop:
+    print0(f"error: {epoch_stop}")
+    compute_cleanup()
+    sys.exit(1)
+
+# ----------------------------------------------------------------------------- model, optimizers, resume
+model.to_empty(device=device)
+model.init_weights()
+orig_model = model
+if compile:
+    model = torch.compile(model, dynamic=False)
+optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                         matrix_lr=matrix_lr, weight_decay=weight_decay)
 start_step, loader_states, history, val_bpb = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}, None
 if resume or resume_from_step >= 0:
     step_to_load = resume_from_step if resume_from_step >= 0 else find_last_step(checkpoint_dir)
@@ -142,12 +169,6 @@ if resume or resume_from_step >= 0:
         start_step, history, val_bpb = meta["step"], meta["history"], meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
         del model_state, saved_train_state
-
-tokenizer_hash = tokenizer_fingerprint(tokenizer)
-if master:  # what this run trains on, per source, beside its config snapshot
-    dataset_stats = corpus_stats(data_dir or None, tokenizer, num_iterations * total_batch_size)
-    write_stats(checkpoint_dir, dataset_stats)
-    print0(format_stats(dataset_stats))
 
 train_loaders = [data_loader(device_batch_size, max_seq_len, "train", tokenizer, device,
                              lane=rank * grad_accum_steps + k, num_lanes=world_size * grad_accum_steps,
@@ -181,6 +202,7 @@ def sample(prompts, max_new_tokens=24):
 
 
 # ----------------------------------------------------------------------------- training loop
+wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 graceful = GracefulExit()
 memory_guard = MemoryGuard(max_memory_frac)
 eta = ETA(total_steps=num_iterations, start_step=start_step)

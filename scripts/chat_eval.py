@@ -4,7 +4,7 @@ and a ChatCORE-style mean of the accuracies centered on each task's random basel
 
     python -m scripts.chat_eval --checkpoint=chatsft_checkpoints/d4 -a all --max_problems=50
     python -m scripts.chat_eval -a arithmetic,arc_easy
-    torchrun --nproc_per_node=2 -m scripts.chat_eval --checkpoint=chatsft_checkpoints/latest
+    torchrun --nproc_per_node=2 -m scripts.chat_eval -- --checkpoint=chatsft_checkpoints/latest
 
 Tasks (-a, comma-separated, or all):
   generative   arithmetic, spelling (the project's generated test splits; the calculator tool runs

