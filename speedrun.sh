@@ -146,7 +146,8 @@ WANDB=(); [ -n "${WANDB_RUN:-}" ] && WANDB=("--run=$WANDB_RUN")
 
 if [ "$PLAN_ONLY" = 1 ]; then
   if [ "$MODE" = gpu ]; then "$PY" -m nanochat.plan "${PLAN_ARGS[@]}"; else "$PY" -m nanochat.plan "${BASE_ARGS[0]}" --cpu; fi
-  echo "launch      ${LAUNCH[*]} scripts.base_train -- ${BASE_ARGS[*]} ${MOE_ARGS[*]} ${WANDB[*]}"
+  launch=("${LAUNCH[@]}" scripts.base_train -- "${BASE_ARGS[@]}" "${MOE_ARGS[@]}" "${WANDB[@]}")
+  echo "launch      ${launch[*]}"
   exit 0
 fi
 [ "${USE_MOE:-false}" = true ] && TAG="${TAG}_moe4x1"

@@ -37,14 +37,14 @@ WEB_SOURCES = {
         # karpathy's repack of FineWeb-Edu 100BT, globally shuffled, 1,823 shards of ~250M characters
         # (~95 MB zstd parquet, row groups of 1024 documents): the shards nanochat trains on.
         "url": "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet",
-        "max_shards": 1823, "chars_per_shard": 250e6, "chars_per_token": 4.8, "bytes_per_char": 1.0,
+        "max_shards": 1823, "chars_per_shard": 250e6, "chars_per_token": 4.8, "mb_per_shard": 100,
         "license": "ODC-By 1.0 (FineWeb-Edu, HuggingFaceFW)",
     },
     "fineweb-edu-zh": {
         # OpenCSG's Chinese FineWeb-Edu v2: 188M documents (~420B tokens) in 560 files of ~970 MB;
         # not shuffled across files, so a few files are a narrower sample than the same text of fineweb-edu.
         "url": "https://huggingface.co/datasets/opencsg/chinese-fineweb-edu-v2/resolve/main/data/{:05d}.parquet",
-        "max_shards": 560, "chars_per_shard": 1.0e9, "chars_per_token": 1.5, "bytes_per_char": 3.0,
+        "max_shards": 560, "chars_per_shard": 1.0e9, "chars_per_token": 1.5, "mb_per_shard": 970,
         "license": "Apache-2.0 (opencsg/chinese-fineweb-edu-v2)",
     },
 }

@@ -209,7 +209,8 @@ class MLP(nn.Module):
 
 
 # How MoE runs its experts: "bmm" (padded buckets, batched matmuls), "loop" (a loop over the
-# experts, no padding) or "auto": loop on CPU, bmm elsewhere (see MoE). Outputs agree to rounding.
+# experts, no padding) or "auto": loop on CPU in eager mode, bmm elsewhere and under torch.compile
+# (see MoE). Outputs agree to rounding.
 MOE_DISPATCH = "auto"
 
 
@@ -286,7 +287,9 @@ class MoE(nn.Module):
             capacity = max(1, math.ceil(self.capacity_factor * N * k / E))
             weight = weight * (slot < capacity)  # overflow assignments are dropped
         rows = x[token]
-        dispatch = MOE_DISPATCH if MOE_DISPATCH != "auto" else ("loop" if x.device.type == "cpu" else "bmm")
+        # the loop's slice sizes are data (a host sync and a graph break): compiled code takes the buckets
+        loop_ok = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        dispatch = MOE_DISPATCH if MOE_DISPATCH != "auto" else ("loop" if loop_ok else "bmm")
         if dispatch == "loop":
             out = self._experts_loop(rows, load)
         else:

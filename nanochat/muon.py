@@ -27,12 +27,13 @@ import torch.distributed as dist
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
-    """Approximate orthogonalization of G (or of each matrix in a stack, last two dims)."""
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
+    """Approximate orthogonalization of G (or of each matrix in a stack, last two dims). dtype of
+    the iteration: default bf16 on CUDA (matmuls at full tensor-core speed; the iteration tolerates
+    the noise), fp32 elsewhere (CPU bf16 matmuls are slow)."""
     assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFS
-    # bf16 on CUDA: matmuls at full tensor-core speed and the iteration tolerates the noise.
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     X = X.reshape(-1, *G.shape[-2:])  # a batch of matrices, so one code path serves 2-D and stacks
     # Iterate on the wide orientation so X @ X^T is the smaller Gram matrix.
     tall = X.size(-2) > X.size(-1)

@@ -59,6 +59,9 @@ def epoch_problem(stats, max_epochs, depth, vocab_size, sequence_len, ratio, tot
     """None if the run's epochs (from data_stats.corpus_stats) are within max_epochs, else the message
     base_train stops with: the figures and the ways out."""
     run = stats["_run"]
+    if run["train_tokens"] == 0:
+        return (f"{data_dir} holds no train text: build it (python -m nanochat.dataset), download it "
+                f"(python -m nanochat.dataset --sources=fineweb-edu --tokens=...) or point --data_dir at it")
     if run["epochs"] <= max_epochs:
         return None
     corpus, needed = run["train_tokens"], run["tokens_to_train"]
@@ -125,8 +128,7 @@ def make_plan(config, gpus, sources, base_url=None, depth=None, max_epochs=MAX_E
         shards = shards_for_tokens(mixture, tokens)
         tok_shards = {s: 1 + math.ceil(TOKENIZER_CHARS * w / WEB_SOURCES[s]["chars_per_shard"]) for s, w in mixture.items()}
         held = sum((n - 1) * tokens_per_shard(s) for s, n in shards.items())
-        gigabytes = sum(n * WEB_SOURCES[s]["chars_per_shard"] * WEB_SOURCES[s]["bytes_per_char"] / 2.6e9
-                        for s, n in shards.items())  # zstd parquet: ~2.6x smaller than the text
+        gigabytes = sum(n * WEB_SOURCES[s]["mb_per_shard"] / 1000 for s, n in shards.items())
         plan.update(data="web", sources=mixture, base_url=base_url, shards=shards,
                     tokenizer_shards={s: min(n, shards[s]) for s, n in tok_shards.items()},
                     download_gb=gigabytes, data_dir=web_dir, epochs=tokens / held)
@@ -200,7 +202,7 @@ def format_plan(p):
                   f"            so the largest depth whose horizon fits {p['max_epochs']:g} epochs",
                   f"shards      none to fetch",
                   f"epochs      {p['epochs']:.2f} (limit {p['max_epochs']:g})"]
-    duration = f"{p['hours']:.1f} h" if p["hours"] >= 1 else f"{p['hours'] * 60:.0f} min"
+    duration = f"{p['hours']:.1f} h" if p["hours"] >= 1 else f"{max(1, round(p['hours'] * 60))} min"
     lines.append(f"time        about {duration} of pretraining at {ASSUMED_MFU:.0%} MFU")
     return "\n".join(lines)
 

@@ -112,6 +112,7 @@ num_params = model.num_params()
 num_active_params = model.num_active_params()  # == num_params for a dense model
 flops_per_token = model.estimate_flops()
 compile = device_type == "cuda" if compile is None else compile
+print0(f"compute: {device_type}, {str(dtype).removeprefix('torch.')}, torch.compile {'on' if compile else 'off'}")
 
 tokens_per_micro_step = device_batch_size * max_seq_len * world_size
 assert total_batch_size % tokens_per_micro_step == 0, \

@@ -15,6 +15,18 @@ def default_data_dir():
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def tokenizer_base_dir(tmp_path_factory, default_data_dir):
+    """A base dir holding only a 512-token tokenizer trained on 400 documents of the real corpus
+    (scripts then read the corpus through --data_dir)."""
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.tokenizer import RustBPETokenizer
+    base = tmp_path_factory.mktemp("tokenizer_base")
+    texts = [t[:2000] for batch in parquets_iter_batched("train", data_dir=default_data_dir) for t in batch][:400]
+    RustBPETokenizer.train_from_iterator(texts, 512).save(str(base / "tokenizer"))
+    return str(base)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _report_dir(tmp_path_factory):
     """Scripts run by the tests log report sections; keep them out of the real report."""
