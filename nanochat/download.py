@@ -14,7 +14,9 @@ the 199 before it, and a killed run leaves only temp files, which the next run r
 Dropped connections, timeouts, 429 and 5xx are retried with exponential backoff; 401/403/404 stop
 the download with the URL in the message; a server that does not answer fails in seconds.
 """
+import fcntl
 import json
+import math
 import os
 import sys
 import threading
@@ -100,7 +102,7 @@ def tokens_per_shard(source):
 
 def shards_for_tokens(mixture, tokens):
     """{source: shards} that hold `tokens` train tokens in the mixture's proportions, plus the val shard."""
-    return {name: 1 + max(1, -int(-tokens * w // tokens_per_shard(name))) for name, w in mixture.items()}
+    return {name: 1 + max(1, math.ceil(tokens * w / tokens_per_shard(name))) for name, w in mixture.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -195,6 +197,13 @@ def probe(url, timeout=10.0):
 # -----------------------------------------------------------------------------
 # Progress: shards done/total, MB/s, ETA
 
+def hms(seconds):
+    if seconds is None:
+        return "n/a"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 class Progress:
     def __init__(self, total_shards, already_done, out=None):
         self.total, self.done, self.out = total_shards, already_done, out or sys.stdout
@@ -214,13 +223,9 @@ class Progress:
         rate = self.bytes / elapsed
         fetched = self.done - self.start_done
         left = self.total - self.done
-        if fetched:
-            eta = left * (self.bytes / fetched) / rate if rate else float("inf")
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 360000 else "n/a"
-        else:
-            eta_text = "n/a"
+        eta = left * (self.bytes / fetched) / rate if fetched and rate else None  # shards left x mean shard size
         return (f"shards {self.done}/{self.total} | {self.bytes / 1e6:,.1f} MB | {rate / 1e6:.1f} MB/s | "
-                f"elapsed {time.strftime('%H:%M:%S', time.gmtime(elapsed))} | eta {eta_text}")
+                f"elapsed {hms(elapsed)} | eta {hms(eta)}")
 
     def shard_done(self):
         with self.lock:
@@ -232,7 +237,6 @@ class Progress:
 # Many shards
 
 def _acquire_lock(out_dir):
-    import fcntl
     handle = open(os.path.join(out_dir, ".download.lock"), "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
