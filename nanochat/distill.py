@@ -1,6 +1,6 @@
 """
-Knowledge distillation: the loss, computed chunk by chunk over the tokens, and the checks that
-a teacher and a student can be compared at all (the same tokenizer).
+Knowledge distillation: the loss, computed chunk by chunk over the tokens. (Teacher and student
+must share the tokenizer: scripts/chat_distill.py checks both with checkpoint_manager.load_model.)
 
     loss = alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
@@ -19,19 +19,11 @@ pre-softcap logits (kept for backward, which is then two matmuls). Peak extra me
 `distill_loss` is the same loss written plainly from full logits: the definition, used by the
 tests to check the chunked one (values and gradients).
 """
-import hashlib
-
 import torch
 import torch.nn.functional as F
 
-from nanochat.tokenizer import tokenizer_fingerprint
-
 # Logits per chunk: 2^21 values (e.g. 256 tokens of a 8192 vocab) keep each temporary ~8 MB.
 CHUNK_ELEMENTS = 2 ** 21
-
-
-class TokenizerMismatchError(ValueError):
-    """Teacher and student were trained with different tokenizers; the message names both."""
 
 
 # -----------------------------------------------------------------------------
@@ -207,44 +199,3 @@ def token_weights(targets, special_ids, special_token_weight):
         special = torch.isin(targets, torch.tensor(list(special_ids), device=targets.device))
         w = torch.where(special, w * special_token_weight, w)
     return w
-
-
-# -----------------------------------------------------------------------------
-# Same tokenizer?
-
-def tokenizer_identity(tokenizer):
-    """{"vocab_size", "tokenizer_hash", "token_bytes_sha256"} of a RustBPETokenizer. The hash is
-    tokenizer.tokenizer_fingerprint (pattern, every token's bytes in rank order, specials), as
-    base_train and finetune record it; token_bytes_sha256 covers only each id's byte length
-    (what bits-per-byte divides by)."""
-    ranks = tokenizer.get_mergeable_ranks()
-    lengths = [len(token) for token, _ in ranks] + [0] * len(tokenizer.get_special_tokens())
-    tb = hashlib.sha256(b"".join(n.to_bytes(4, "little") for n in lengths)).hexdigest()
-    return {"vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": tokenizer_fingerprint(tokenizer),
-            "token_bytes_sha256": tb}
-
-
-def checkpoint_tokenizer_identity(meta):
-    """What a checkpoint's meta says about its tokenizer: the model's vocab size, and the
-    tokenizer_hash / token_bytes_sha256 where the stage recorded them (distill does)."""
-    return {"vocab_size": meta["model_config"]["vocab_size"], "tokenizer_hash": meta.get("tokenizer_hash"),
-            "token_bytes_sha256": meta.get("token_bytes_sha256")}
-
-
-def check_same_tokenizer(teacher_name, teacher, student_name, student):
-    """Raise TokenizerMismatchError (naming both) unless the two identities agree: vocab size,
-    then the tokenizer hash if both record one, else the token-bytes hash if both do.
-    Returns the strongest field that was compared."""
-    def fail(what, a, b):
-        raise TokenizerMismatchError(
-            f"teacher {teacher_name} and student {student_name} do not share a tokenizer: {what} "
-            f"{a} (teacher) != {b} (student). Distillation compares their next-token distributions id "
-            f"by id, so both must be trained with the same tokenizer (<base>/tokenizer).")
-    if teacher["vocab_size"] != student["vocab_size"]:
-        fail("vocab size", teacher["vocab_size"], student["vocab_size"])
-    for key in ("tokenizer_hash", "token_bytes_sha256"):
-        if teacher.get(key) and student.get(key):
-            if teacher[key] != student[key]:
-                fail(key, teacher[key][:16] + "...", student[key][:16] + "...")
-            return key
-    return "vocab_size"

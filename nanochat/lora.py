@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import atomic_open
+from nanochat.common import atomic_open, is_distributed
 
 FORMAT = "nanochat-lora-1"
 DEFAULT_TARGETS = "attn.c_q,attn.c_v,mlp.c_fc"
@@ -186,7 +186,7 @@ def save_adapter(path: str, model: nn.Module, base_meta: dict, extra: dict | Non
     first = modules[0][1]
     payload = {"format": FORMAT, "rank": first.rank, "alpha": first.alpha, "modules": [n for n, _ in modules],
                "base": base_identity(base_meta), "extra": dict(extra or {}), "state": lora_state_dict(model)}
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if is_distributed() and dist.get_rank() != 0:
         return payload
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)
@@ -288,8 +288,7 @@ def setup_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0, bet
     params = lora_parameters(model)
     if not params:
         raise LoRAError("setup_optimizers: the model has no LoRA adapters")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    opt = (DistAdamW if distributed else AdamW)([dict(params=params, lr=lr)], betas=betas, eps=1e-8,
+    opt = (DistAdamW if is_distributed() else AdamW)([dict(params=params, lr=lr)], betas=betas, eps=1e-8,
                                                  weight_decay=weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
@@ -300,24 +299,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def build_trainable(source_dir, source_step, checkpoint_dir, resume_step, device, lora_rank=0, lora_alpha=32.0,
-                    lora_targets=DEFAULT_TARGETS):
-    """The model a fine-tuning script trains, as (model, meta, description).
-    lora_rank 0: the source checkpoint, or this stage's resume checkpoint (meta: the one loaded).
-    lora_rank > 0: always the source checkpoint, frozen, with fresh adapters or, when resuming,
-    the adapters saved beside the resume checkpoint (meta: the source's, i.e. the adapter's base)."""
-    from nanochat.checkpoint_manager import build_model
-    if lora_rank <= 0:
-        load_dir, load_step = (checkpoint_dir, resume_step) if resume_step is not None else (source_dir, source_step)
-        model, meta = build_model(load_dir, load_step, device, phase="train")
-        return model, meta, f"{load_dir} step {load_step}"
-    model, meta = build_model(source_dir, source_step, device, phase="train")
-    names = apply_lora(model, lora_rank, lora_alpha, lora_targets)
-    description = f"{source_dir} step {source_step} + LoRA rank {lora_rank} alpha {lora_alpha} on {len(names)} layers"
-    if resume_step is not None:
-        path = adapter_path(checkpoint_dir, resume_step)
-        load_adapter(model, path, base_meta=meta)
-        description += f" (adapter {path})"
-    return model, meta, description

@@ -1,11 +1,14 @@
 """
-Bits per byte: the model's loss measured against the text's UTF-8 bytes, so models with
-different tokenizers (and vocab sizes) compare fairly. Special tokens (0 bytes) are left out.
+Losses for evaluation. Bits per byte: the model's loss measured against the text's UTF-8 bytes,
+so models with different tokenizers (and vocab sizes) compare fairly; special tokens (0 bytes) are
+left out. Chat: the mean loss per assistant token (targets -1 elsewhere).
 """
 import math
+from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
+
+from nanochat.common import all_reduce_sum
 
 
 @torch.no_grad()
@@ -26,9 +29,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = nbytes > 0
         total_nats += loss.to(token_bytes.device).double()[counted].sum()
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+    all_reduce_sum(total_nats), all_reduce_sum(total_bytes)
     if total_bytes.item() == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * total_bytes.item())
@@ -52,3 +53,17 @@ def unigram_bpb(train_batches, val_batches, steps, token_bytes):
         nats -= log_probs[targets].sum().item()
         nbytes += byte_counts[targets].sum().item()
     return nats / (math.log(2) * nbytes)
+
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device, autocast=nullcontext()):
+    """Mean cross-entropy per trained token (targets >= 0) over all batches and ranks (nan when there is none)."""
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for inputs, targets in batches:
+        with autocast:
+            total += model(inputs, targets, loss_reduction="sum").double()
+        count += (targets >= 0).sum()
+    all_reduce_sum(total), all_reduce_sum(count)
+    return (total / count).item() if count.item() > 0 else float("nan")

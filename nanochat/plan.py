@@ -200,7 +200,7 @@ def format_plan(p):
                   f"{'' if p['corpus_exact'] else ' (estimated; counted once the tokenizer is trained)'}",
                   f"            no web data: {p['why_offline']}",
                   f"            so the largest depth whose horizon fits {p['max_epochs']:g} epochs",
-                  f"shards      none to fetch",
+                  "shards      none to fetch",
                   f"epochs      {p['epochs']:.2f} (limit {p['max_epochs']:g})"]
     duration = f"{p['hours']:.1f} h" if p["hours"] >= 1 else f"{max(1, round(p['hours'] * 60))} min"
     lines.append(f"time        about {duration} of pretraining at {ASSUMED_MFU:.0%} MFU")

@@ -13,17 +13,16 @@ Only tokens the model sampled are trained (mask 1 of the engine); tool output th
 into the stream (mask 0), the prompt and padding are not. Every log-prob is the model's own
 (temperature 1, no top-k), whatever the sampler's settings.
 
-Also: pass@k (the unbiased estimator of Chen et al. 2021), a format score for the optional format
-bonus, and LongArithmetic, a harder held-out arithmetic set (more digits) in the Arithmetic format.
+Also: pass@k (the unbiased estimator of Chen et al. 2021) and a format score for the optional
+format bonus.
 """
-import random
 import re
 
 import torch
 
 from nanochat.engine import FINISHED
-from nanochat.tasks.arithmetic import INTROS_EN, INTROS_ZH, PY_OP, TEMPLATES_EN, TEMPLATES_ZH
-from nanochat.tasks.common import Task, is_test_item, last_number
+from nanochat.rows import padded_batch
+from nanochat.tasks.common import last_number
 
 
 # -----------------------------------------------------------------------------
@@ -115,16 +114,11 @@ def rollout_batch(sequences, pad_id, device="cpu"):
     """sequences: list of (prompt_ids, completion_ids, completion_masks) -> (inputs, targets), both
     (B, L-1) with L the longest prompt + completion. targets[b, t] = ids[t+1] where that token was
     sampled by the model (completion mask 1), else -1 (prompt, forced tool output, padding)."""
-    lengths = [len(p) + len(c) for p, c, _ in sequences]
-    L = max(lengths)
-    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
-    trained = torch.zeros((len(sequences), L), dtype=torch.bool)
-    for b, (prompt, completion, masks) in enumerate(sequences):
+    rows = []
+    for prompt, completion, masks in sequences:
         assert len(completion) == len(masks), "rollout_batch: one mask per completion token"
-        ids[b, :lengths[b]] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
-        trained[b, len(prompt):lengths[b]] = torch.tensor([m == 1 for m in masks], dtype=torch.bool)
-    targets = ids[:, 1:].masked_fill(~trained[:, 1:], -1)
-    return ids[:, :-1].to(device), targets.to(device)
+        rows.append((list(prompt) + list(completion), [0] * len(prompt) + [int(m == 1) for m in masks]))
+    return padded_batch(rows, pad_id, device)
 
 
 def token_logprobs(model, inputs, targets):
@@ -152,56 +146,3 @@ def shaped_reward(task, conversation, completion, finished, reward_weight=1.0):
     if reward_weight == 1.0:
         return correct
     return reward_weight * correct + (1.0 - reward_weight) * format_score(conversation, completion, finished)
-
-
-# -----------------------------------------------------------------------------
-# A harder arithmetic set: Arithmetic's templates and reply format, longer operands
-
-def _digits(rng, lo, hi):
-    d = rng.randint(lo, hi)
-    return rng.randint(1 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
-
-
-class LongArithmetic(Task):
-    """Arithmetic word problems (Arithmetic's templates and replies) whose operands have
-    min_digits..max_digits digits (for '/': the quotient; the divisor has 1-2 digits). The SFT mix
-    has 1-4 digit operands, so these test copying long numbers into the tool call and out of
-    its output. A question is in the test split iff is_test_item(question), as in Arithmetic."""
-
-    def __init__(self, split="train", size=None, min_digits=4, max_digits=6, **slice_args):
-        super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"LongArithmetic: split must be 'train' or 'test', got {split!r}")
-        if not 1 <= min_digits <= max_digits:
-            raise ValueError(f"LongArithmetic: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-        self.split, self.min_digits, self.max_digits = split, min_digits, max_digits
-        self.size = size if size is not None else (20_000 if split == "train" else 500)
-
-    def num_examples(self):
-        return self.size
-
-    def get_example(self, index):
-        rng = random.Random(f"long-arithmetic-{self.min_digits}-{self.max_digits}-{self.split}-{index}")
-        while True:
-            zh = rng.random() < 0.25
-            template, op = rng.choice(TEMPLATES_ZH if zh else TEMPLATES_EN)
-            a, b = _digits(rng, self.min_digits, self.max_digits), _digits(rng, self.min_digits, self.max_digits)
-            if op == "-":
-                a, b = max(a, b), min(a, b)
-            elif op == "/":
-                b = max(2, _digits(rng, 1, 2))
-                a = a * b
-            question = template.format(a=a, b=b)
-            if is_test_item(question) == (self.split == "test"):
-                break
-        answer = str({"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op])
-        intro = rng.choice(INTROS_ZH if zh else INTROS_EN)
-        final = f"答案是 {answer}。" if zh else f"The answer is {answer}."
-        parts = [{"type": "text", "text": intro}] if intro else []
-        parts += [{"type": "python", "text": f"{a}{PY_OP[op]}{b}"}, {"type": "python_output", "text": answer},
-                  {"type": "text", "text": final}]
-        return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
-                "answer": answer}
-
-    def evaluate(self, conversation, completion):
-        return last_number(completion) == conversation["answer"]

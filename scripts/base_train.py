@@ -21,15 +21,13 @@ if __package__ in (None, ""):  # also runnable as `python scripts/base_train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import time
-from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from nanochat import report
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (autodetect_device_type, broadcast_from_master, compute_cleanup, compute_dtype, compute_init,
-                             get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
+from nanochat.common import (all_reduce_sum, autocast_for, broadcast_from_master, compute_cleanup, compute_dtype, compute_init,
+                             get_base_dir, init_wandb, print0, seed_everything)
 from nanochat.configurator import configure
 from nanochat.data_stats import corpus_stats, format_stats, write_stats
 from nanochat.dataloader import data_loader
@@ -38,10 +36,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.plan import epoch_problem
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
-                               lr_multiplier,
-                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
-                               write_json_atomic)
+from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -91,12 +86,11 @@ data_dir = ""                  # default: <base>/base_data
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)  # the same on every rank: identical initial weights (there is no DDP broadcast)
-dtype = getattr(torch, dtype) if dtype else compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+dtype = getattr(torch, dtype) if dtype else compute_dtype(device.type)
+autocast = autocast_for(device, dtype)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -111,8 +105,8 @@ with torch.device("meta"):  # sizes first: the data check below needs no memory 
 num_params = model.num_params()
 num_active_params = model.num_active_params()  # == num_params for a dense model
 flops_per_token = model.estimate_flops()
-compile = device_type == "cuda" if compile is None else compile
-print0(f"compute: {device_type}, {str(dtype).removeprefix('torch.')}, torch.compile {'on' if compile else 'off'}")
+compile = device.type == "cuda" if compile is None else compile
+print0(f"compute: {device.type}, {str(dtype).removeprefix('torch.')}, torch.compile {'on' if compile else 'off'}")
 
 tokens_per_micro_step = device_batch_size * max_seq_len * world_size
 assert total_batch_size % tokens_per_micro_step == 0, \
@@ -158,7 +152,7 @@ if compile:
     model = torch.compile(model, dynamic=False)
 optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                          matrix_lr=matrix_lr, weight_decay=weight_decay)
-start_step, loader_states, history, val_bpb = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}, None
+start_step, loader_states, history = 0, None, None
 if resume or resume_from_step >= 0:
     step_to_load = resume_from_step if resume_from_step >= 0 else find_last_step(checkpoint_dir)
     if step_to_load is None:
@@ -167,7 +161,7 @@ if resume or resume_from_step >= 0:
         model_state, saved_train_state, meta = load_checkpoint(checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
         orig_model.load_state_dict(model_state)
         loader_states = restore_train_state(saved_train_state, optimizers, world_size * grad_accum_steps)
-        start_step, history, val_bpb = meta["step"], meta["history"], meta.get("val_bpb")
+        start_step, history = meta["step"], meta["history"]
         print0(f"resumed from {checkpoint_dir} step {start_step}")
         del model_state, saved_train_state
 
@@ -181,14 +175,15 @@ eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size
 
 def save(step):
     """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
-    meta = {"step": step, "val_bpb": val_bpb, "model_config": model_config.__dict__, "config": user_config,
-            "tokenizer_vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash, "history": history}
+    meta = {"step": step, "val_bpb": loop.last("val bpb"), "model_config": model_config.__dict__, "config": user_config,
+            "tokenizer_vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash, "history": loop.history}
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, world_size * grad_accum_steps),
                     meta, rank=rank, keep_last=keep_last)
     if master:
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
-                        f"base d{depth}: train loss", val_steps=history["val_step"], val_values=history["val_bpb"])
+        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
+                        f"base d{depth}: train loss", val_steps=loop.history["val_step"],
+                        val_values=loop.history.get("val bpb"))
     print0(f"saved {checkpoint_dir} step {step}")
 
 
@@ -204,39 +199,33 @@ def sample(prompts, max_new_tokens=24):
 
 # ----------------------------------------------------------------------------- training loop
 wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
-graceful = GracefulExit()
-memory_guard = MemoryGuard(max_memory_frac)
-eta = ETA(total_steps=num_iterations, start_step=start_step)
-peak_flops = get_peak_flops(device)
-t_start = time.time()
+loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
+                    grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    flops_per_token=flops_per_token, world_size=world_size)
 step = start_step
 while True:
-    last_step = step == num_iterations
-    if last_step or (eval_every > 0 and step % eval_every == 0 and step > start_step) or (step == 0 and eval_every > 0):
+    if loop.eval_now(step):
         model.eval()
         val_loader = data_loader(device_batch_size, max_seq_len, "val", tokenizer, device,
                                  lane=rank, num_lanes=world_size, data_dir=data_dir or None)
         with autocast:
             val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         model.train()
-        history["val_step"].append(step)
-        history["val_bpb"].append(val_bpb)
         if step == start_step and master:  # context for the first number: a unigram model's bpb on the same batches
             unigram = unigram_bpb(data_loader(device_batch_size, max_seq_len, "train", tokenizer, data_dir=data_dir or None),
                                   data_loader(device_batch_size, max_seq_len, "val", tokenizer, data_dir=data_dir or None),
                                   eval_steps, token_bytes)
             print0(f"unigram baseline: val bpb {unigram:.4f}")
-        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-        wandb_run.log({"step": step, "val/bpb": val_bpb})
-    if master and (last_step or (sample_every > 0 and step > start_step and step % sample_every == 0)):
+        loop.log_eval(step, {"val bpb": val_bpb})
+    if master and (step == num_iterations or (sample_every > 0 and step > start_step and step % sample_every == 0)):
         sample(["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                 "中国的首都是", "The opposite of hot is"])
 
-    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+    if loop.save_or_stop(step, save):
         break
 
     # one optimization step: grad_accum_steps micro-batches, each from its own data lane
-    t0 = time.time()
     train_loss = torch.zeros((), device=device)
     for k in range(grad_accum_steps):
         x, y, loader_states[k] = next(train_loaders[k])
@@ -244,40 +233,18 @@ while True:
             loss = model(x, y)
         (loss / grad_accum_steps).backward()
         train_loss += loss.detach() / grad_accum_steps
-    if grad_clip > 0:  # on the global (rank-averaged) gradient, so DDP and accumulation agree
-        clip_grad_norm(orig_model, optimizers, grad_clip)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
-    set_schedule(optimizers, lrm, step)
-    for opt in optimizers:
-        opt.step()
-    orig_model.zero_grad(set_to_none=True)
-    if ddp:  # log the loss of the whole batch, identical however it is split across ranks
-        dist.all_reduce(train_loss)  # SUM then divide: gloo has no AVG
-        train_loss /= world_size
-    loss_value = train_loss.item()  # also syncs the device, so the timing is honest
-    dt = time.time() - t0
-    eta.update(dt)
+    lrm = loop.optimizer_step(orig_model, optimizers, step)
+    # the loss of the whole batch, identical however it is split across ranks (SUM then divide: gloo has no AVG)
+    loss_value = (all_reduce_sum(train_loss) / world_size).item()  # also syncs the device: honest timings
     step += 1
+    # MoE: the load-balancing loss of the last micro-batch (1 = balanced; included in the loss)
+    loop.log(step, loss_value, lrm, tokens=total_batch_size,
+             metrics={"moe aux": orig_model.moe_aux_loss.item()} if n_experts else None)
 
-    tok_per_sec = total_batch_size / dt
-    mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-    history["step"].append(step)
-    history["loss"].append(loss_value)
-    line = format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta)
-    logs = {"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec}
-    if n_experts:  # the load-balancing loss of the last micro-batch (1 = balanced; included in the loss)
-        logs["train/moe_aux_loss"] = orig_model.moe_aux_loss.item()
-        line += f" | moe aux {logs['train/moe_aux_loss']:.3f}"
-    print0(line)
-    wandb_run.log(logs)
-
-graceful.close()
-wandb_run.finish()
-if master and history["loss"]:
+if master and loop.history["loss"]:
     report.log_section("Base training", config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],
                        metrics={"checkpoint": f"{checkpoint_dir} step {step}", "parameters": num_params,
                                 "active parameters": num_active_params, "steps": step, "tokens": step * total_batch_size,
-                                "final train loss": history["loss"][-1], "val bpb": val_bpb,
-                                "wall minutes": round((time.time() - t_start) / 60, 2)})
-compute_cleanup()
-exit_if_stopped(step, num_iterations, graceful)
+                                "final train loss": loop.last("loss"), "val bpb": loop.last("val bpb"),
+                                "wall minutes": round((time.time() - loop.t_start) / 60, 2)})
+loop.finish(step)

@@ -44,7 +44,8 @@ import tiktoken
 
 from nanochat.common import get_base_dir
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
-from nanochat.tokenizer import SPLIT_PATTERN, train_hf_bpe
+from nanochat.tokenizer import SPLIT_PATTERN
+from scripts.reference_tokenizers import train_hf_bpe
 
 base_dir = get_base_dir()
 target_bytes = int(corpus_mb * 1e6)

@@ -27,30 +27,23 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_distill.p
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses
-import time
-from contextlib import nullcontext
 
 import torch
 
 from nanochat import report, tasks
-from nanochat.chat_data import conversation_batches, conversation_eval_batches, evaluate_loss
-from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint,
-                                         resolve_checkpoint, save_checkpoint, stage_dir)
-from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
-                             get_base_dir, get_peak_flops, init_wandb, print0, seed_everything)
+from nanochat.chat_data import conversation_batches, conversation_eval_batches
+from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, load_model,
+                                         save_checkpoint, stage_dir)
+from nanochat.common import all_reduce_sum, autocast_for, compute_init, get_base_dir, init_wandb, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
-from nanochat.distill import (TokenizerMismatchError, check_same_tokenizer, checkpoint_tokenizer_identity,
-                              model_distill_loss, token_weights, tokenizer_identity)
+from nanochat.distill import model_distill_loss, token_weights
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.tasks.reasoning import Reasoning
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
-                               lr_multiplier,
-                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
-                               write_json_atomic)
+from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
+from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -83,7 +76,7 @@ warmup_ratio = 0.0
 warmdown_ratio = 0.4
 final_lr_frac = 0.0
 # evaluation, checkpoints
-eval_every = 50                # every N steps and at the end; -1: only at the end
+eval_every = 50                # every N steps and at the end; -1: never
 eval_tokens = 131072           # base mode: val tokens for bits per byte
 eval_examples = 200            # chat / reasoning: val conversations for the val loss
 eval_problems = 50             # reasoning: held-out problems for the greedy accuracy; 0: none
@@ -116,35 +109,26 @@ elif not teacher and mode != "reasoning":
 if not teacher:
     alpha = 1.0
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+autocast = autocast_for(device)
 wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
-identity = tokenizer_identity(tokenizer)
-tokenizer_name = f"(tokenizer {os.path.join(get_base_dir(), 'tokenizer')})"
 
 
 def load(arg, what):
+    """Teacher and student are both checked against this run's tokenizer: distillation compares
+    their next-token distributions id by id, so they must share it."""
     try:
-        directory, step = resolve_checkpoint(arg)
-        model, meta = build_model(directory, step, device, phase="train" if what == "student" else "eval")
+        model, meta, directory, step = load_model(arg, device, tokenizer, phase="train" if what == "student" else "eval")
     except CheckpointError as e:
-        raise SystemExit(f"chat_distill: {what}: {e}") from None
+        raise SystemExit(f"chat_distill: {what}: {e} (teacher and student must use the tokenizer in "
+                         f"{os.path.join(get_base_dir(), 'tokenizer')})") from None
     return model, meta, f"{os.path.relpath(directory, get_base_dir())} step {step}"
-
-
-def require_same_tokenizer(a_name, a_ident, b_name, b_ident):
-    try:
-        return check_same_tokenizer(a_name, a_ident, b_name, b_ident)
-    except TokenizerMismatchError as e:
-        raise SystemExit(f"chat_distill: {e}") from None
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -152,19 +136,12 @@ teacher_model, teacher_desc = None, None
 if teacher:
     teacher_model, teacher_meta, teacher_desc = load(teacher, "teacher")
     teacher_model.requires_grad_(False)
-    checked = require_same_tokenizer(teacher_desc, checkpoint_tokenizer_identity(teacher_meta),
-                                     f"{tokenizer_name} (the student's)", identity)
-    print0(f"teacher: {teacher_desc} | {teacher_model.config} | {teacher_model.num_params():,} params | "
-           f"tokenizer checked by {checked}")
+    print0(f"teacher: {teacher_desc} | {teacher_model.config} | {teacher_model.num_params():,} params")
 
 # ----------------------------------------------------------------------------- student
 default_T = teacher_model.config.sequence_len if teacher_model is not None else 256
 if init_checkpoint:
     student_source, source_meta, student_desc = load(init_checkpoint, "student")
-    require_same_tokenizer(f"{tokenizer_name} (this run's)", identity, student_desc, checkpoint_tokenizer_identity(source_meta))
-    if teacher_model is not None:
-        require_same_tokenizer(teacher_desc, checkpoint_tokenizer_identity(teacher_meta), student_desc,
-                               checkpoint_tokenizer_identity(source_meta))
     model_config = student_source.config
     default_T = max_seq_len or model_config.sequence_len
 else:
@@ -207,13 +184,11 @@ for opt in optimizers:
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = group["initial_lr"] * init_lr_frac
 
-start_step, loader_states = 0, None
-history = {"step": [], "loss": [], "ce": [], "kl": [], "val_step": [], "val": []}
-val_metric = None
+start_step, loader_states, history = 0, None, None
 if resume_step is not None:
     _, saved_train_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
     loader_states = restore_train_state(saved_train_state, optimizers, num_lanes)
-    start_step, history, val_metric = meta["step"], meta["history"], meta.get("val")
+    start_step, history = meta["step"], meta["history"]
     print0(f"resumed from {checkpoint_dir} step {start_step}")
     del saved_train_state
 
@@ -270,9 +245,7 @@ def reasoning_accuracy(m):
     correct = thought = 0
     for conversation in reasoning_eval:
         with autocast:
-            out, _ = engine.generate_batch(tokenizer.render_for_completion(conversation), max_tokens=eval_max_tokens,
-                                           temperature=0.0)
-        text = tokenizer.decode(out[0])
+            text = engine.complete(conversation, eval_max_tokens)
         correct += reasoning_eval.evaluate(conversation, text)
         thought += text.startswith("<think>") and "</think>" in text
     m.train()
@@ -281,18 +254,17 @@ def reasoning_accuracy(m):
 
 def save(step):
     """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
-    meta = {"step": step, "val": val_metric, val_name.replace(" ", "_"): val_metric, "mode": mode,
+    meta = {"step": step, "val": loop.last(val_name), val_name.replace(" ", "_"): loop.last(val_name), "mode": mode,
             "model_config": dataclasses.asdict(model_config), "config": user_config, "tokenizer_vocab_size": vocab_size,
-            "tokenizer_hash": identity["tokenizer_hash"], "token_bytes_sha256": identity["token_bytes_sha256"],
-            "teacher": teacher_desc, "alpha": alpha, "temperature": temperature, "history": history,
-            "num_iterations": num_iterations}
+            "tokenizer_hash": tokenizer_fingerprint(tokenizer), "teacher": teacher_desc, "alpha": alpha,
+            "temperature": temperature, "history": loop.history, "num_iterations": num_iterations}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), train_state(optimizers, loader_states, num_lanes),
                     meta, rank=rank, keep_last=keep_last)
     if master:
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "alpha": alpha, "teacher": teacher})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
-                        f"distill {tag}: train loss", val_steps=history["val_step"], val_values=history["val"],
-                        val_label=val_name)
+        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
+                        f"distill {tag}: train loss", val_steps=loop.history["val_step"],
+                        val_values=loop.history.get(val_name), val_label=val_name)
     print0(f"saved {checkpoint_dir} step {step}")
 
 
@@ -301,31 +273,22 @@ teacher_val = None
 if teacher_model is not None and mode == "base":  # every rank: evaluate_bpb all-reduces
     teacher_val = evaluate(teacher_model)
     print0(f"teacher {val_name}: {teacher_val:.4f}")
-graceful = GracefulExit()
-memory_guard = MemoryGuard(max_memory_frac)
-eta = ETA(total_steps=num_iterations, start_step=start_step)
-peak_flops = get_peak_flops(device)
-accuracy = None
-t_start = time.time()
+loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
+                    grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    flops_per_token=flops_per_token, world_size=world_size)
 step = start_step
 while True:
-    last_step = step == num_iterations
-    if last_step or (eval_every > 0 and step % eval_every == 0 and step > start_step) or (step == 0 and eval_every > 0):
-        val_metric = evaluate(model)
-        history["val_step"].append(step)
-        history["val"].append(val_metric)
-        line = f"step {step:05d} | {val_name} {val_metric:.4f}"
+    if loop.eval_now(step):
+        metrics = {val_name: evaluate(model)}
         if reasoning_eval is not None and master:
-            accuracy, think_rate = reasoning_accuracy(model)
-            line += f" | reasoning acc {accuracy:.3f} | thinks {think_rate:.3f}"
-        print0(line)
-        wandb_run.log({"step": step, f"val/{val_name.split()[1]}": val_metric})
+            metrics["reasoning acc"], metrics["thinks"] = reasoning_accuracy(model)
+        loop.log_eval(step, metrics)
 
-    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+    if loop.save_or_stop(step, save):
         break
 
     # one optimization step; the loss is per unit of token weight over the whole step (all ranks)
-    t0 = time.time()
     batches = []
     for k in range(grad_accum_steps):
         x, y, loader_states[k] = next(train_loaders[k])
@@ -335,32 +298,15 @@ while True:
     for x, y, w in batches:
         with autocast:
             loss_sum, ce_sum, kl_sum = model_distill_loss(model, teacher_model, x, y, w, alpha, temperature)
-        (loss_sum * (world_size / total_weight)).backward()  # the distributed optimizers average over ranks
+        balance = model.moe_balance_loss() / grad_accum_steps  # MoE student: the load balance (0 if dense)
+        (loss_sum * (world_size / total_weight) + balance).backward()  # the distributed optimizers average over ranks
         sums += torch.stack([loss_sum.detach(), ce_sum, kl_sum]).float()
-    if grad_clip > 0:
-        clip_grad_norm(model, optimizers, grad_clip)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
-    set_schedule(optimizers, lrm, step)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    lrm = loop.optimizer_step(model, optimizers, step)
     loss_value, ce_value, kl_value = (all_reduce_sum(sums) / total_weight).tolist()  # syncs: honest timing
-    dt = time.time() - t0
-    eta.update(dt)
     step += 1
+    loop.log(step, loss_value, lrm, tokens=total_batch_size, metrics={"ce": ce_value, "kl": kl_value})
 
-    tok_per_sec = total_batch_size / dt
-    mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-    history["step"].append(step)
-    history["loss"].append(loss_value)
-    history["ce"].append(ce_value)
-    history["kl"].append(kl_value)
-    print0(format_step_line(step, num_iterations, loss_value, lrm, tok_per_sec, mfu, time.time() - t_start, eta)
-           + f" | ce {ce_value:.4f} | kl {kl_value:.4f}")
-    wandb_run.log({"step": step, "train/loss": loss_value, "train/ce": ce_value, "train/kl": kl_value, "train/lrm": lrm})
-
-graceful.close()
-wandb_run.finish()
+val_metric, accuracy = loop.last(val_name), loop.last("reasoning acc")
 if master and step == num_iterations:
     # the summary table merges a stage's rows: keep the keys distinct per mode (base: the bar's val bpb)
     summary = {{"base": val_name, "chat": "chat val loss"}[mode]: round(val_metric, 4)} \
@@ -371,10 +317,9 @@ if master and step == num_iterations:
         metrics[f"teacher {val_name}"] = teacher_val
     if accuracy is not None:
         metrics["reasoning acc"] = summary["reasoning acc"] = accuracy
-        metrics["thinks (<think> ... </think> first)"] = think_rate
+        metrics["thinks (<think> ... </think> first)"] = loop.last("thinks")
     # the no-teacher baseline gets a section of its own but not the DISTILL row of the summary table
     title = f"Distillation baseline ({mode}, {tag})" if from_scratch else f"Distillation ({mode}, {tag})"
     report.log_section(title, metrics=metrics, config=user_config, plots=[os.path.join(checkpoint_dir, "loss_curve.png")],
                        stage=None if from_scratch else "DISTILL", summary=summary)
-compute_cleanup()
-exit_if_stopped(step, num_iterations, graceful)  # stopped early (after saving): exit 130 / 3, not 0
+loop.finish(step)  # stopped early (after saving): exit 130 / 3, not 0

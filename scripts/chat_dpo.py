@@ -32,16 +32,12 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_dpo.py`
 import torch
 
 from nanochat import dpo, lora, report, tasks
-from nanochat.checkpoint_manager import CheckpointError, find_last_step, list_steps, load_checkpoint, resolve_checkpoint, save_checkpoint, stage_dir
-from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
-                             init_wandb, print0, seed_everything)
+from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, open_training_source, save_checkpoint
+from nanochat.common import all_reduce_sum, autocast_for, compute_init, init_wandb, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
-                               lr_multiplier,
-                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
-                               write_json_atomic)
+from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -83,36 +79,20 @@ hhh_eval = False               # also evaluate on BIG-bench HHH pairs (needs the
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+autocast = autocast_for(device)
 wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 tokenizer = get_tokenizer()
 pad_id = tokenizer.get_bos_token_id()
 
 # ----------------------------------------------------------------------------- model
-try:
-    source_dir, source_step = resolve_checkpoint(sft_checkpoint, default_stage="chatsft")
-except CheckpointError as e:
-    raise SystemExit(f"chat_dpo: {e}") from None
-checkpoint_dir = os.path.join(stage_dir("chatdpo"), model_tag or os.path.basename(source_dir))
-resume_step = find_last_step(checkpoint_dir) if resume else None
-if resume and resume_step is None:
-    print0(f"resume: no checkpoint in {checkpoint_dir}, starting from {source_dir} step {source_step}")
-try:
-    orig_model, meta, loaded = lora.build_trainable(source_dir, source_step, checkpoint_dir, resume_step, device,
-                                                    lora_rank, lora_alpha, lora_targets)
-except (CheckpointError, lora.LoRAError) as e:
-    raise SystemExit(f"chat_dpo: {e}") from None
-source_meta, model_config = meta, meta["model_config"]
-if model_config["vocab_size"] != tokenizer.get_vocab_size():
-    raise SystemExit(f"{meta['checkpoint_file']}: vocab size {model_config['vocab_size']} does not match the "
-                     f"tokenizer's {tokenizer.get_vocab_size()}")
+src = open_training_source(sft_checkpoint, "chatsft", "chatdpo", device, tokenizer, model_tag=model_tag, resume=resume,
+                           lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
+orig_model, model_config, checkpoint_dir, resume_step = src.model, src.meta["model_config"], src.checkpoint_dir, src.resume_step
 T = max_seq_len or model_config["sequence_len"]
-print0(f"chat_dpo: from {loaded} | model: {model_config}")
+print0(f"chat_dpo: from {src.description} | model: {model_config}")
 if lora_rank > 0:
     trainable, total = lora.count_parameters(orig_model)
     print0(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -201,8 +181,8 @@ if lora_rank > 0:
 elif resume_step is None and precompute_ref:
     ref_model, ref_context = orig_model, nullcontext
 else:
-    from nanochat.checkpoint_manager import build_model
-    ref_model = build_model(source_dir, source_step, device, phase="eval")[0] if resume_step is not None else copy.deepcopy(orig_model)
+    ref_model = build_model(src.source_dir, src.source_step, device, phase="eval")[0] if resume_step is not None \
+        else copy.deepcopy(orig_model)
     ref_model.requires_grad_(False)
     ref_context = nullcontext
 was_training = ref_model.training
@@ -234,13 +214,9 @@ else:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * init_lr_frac
 
-start_step = 0
-history = {"step": [], "loss": [], "margin": [], "acc": [], "eval_step": [], "eval": []}
+start_step, history = 0, None
 if resume_step is not None:
     _, saved_state, saved_meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
-    if bool(saved_meta.get("lora")) != (lora_rank > 0):
-        raise SystemExit(f"resume: {saved_meta['checkpoint_file']} was trained {'with' if saved_meta.get('lora') else 'without'} "
-                         f"LoRA; resume with the same --lora_rank")
     restore_train_state(saved_state, optimizers, world_size * grad_accum_steps)
     start_step, history = saved_meta["step"], saved_meta["history"]
     print0(f"resumed from {checkpoint_dir} step {start_step}")
@@ -248,14 +224,14 @@ if resume_step is not None:
 
 
 def save(step):
-    meta = {"step": step, "model_config": model_config, "config": user_config, "history": history,
-            "tokenizer_vocab_size": tokenizer.get_vocab_size(), "num_iterations": num_iterations,
-            "source": f"{source_dir} step {source_step}", "eval": history["eval"][-1] if history["eval"] else None}
+    meta = {"step": step, "model_config": model_config, "config": user_config, "history": loop.history,
+            "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": src.meta.get("tokenizer_hash"),
+            "num_iterations": num_iterations, "source": src.source, "eval": loop.last("eval")}
     if lora_rank > 0:  # the adapter first: a complete checkpoint (meta written last) always has its adapter
         meta["lora"] = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_targets,
                         "adapter": os.path.basename(lora.adapter_path(checkpoint_dir, step))}
         if master:
-            lora.save_adapter(lora.adapter_path(checkpoint_dir, step), orig_model, source_meta,
+            lora.save_adapter(lora.adapter_path(checkpoint_dir, step), orig_model, src.meta,
                               extra={"stage": "chatdpo", "step": step})
     model_state = lora.merged_state_dict(orig_model) if lora_rank > 0 else orig_model.state_dict()
     save_checkpoint(checkpoint_dir, step, model_state, train_state(optimizers, None, world_size * grad_accum_steps),
@@ -264,50 +240,48 @@ def save(step):
         if lora_rank > 0:
             lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), history["step"], history["loss"],
-                        "DPO: train loss", val_steps=history["eval_step"],
-                        val_values=[e["all"]["margin"] for e in history["eval"]], val_label="held-out reward margin")
+        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
+                        "DPO: train loss", val_steps=loop.history["val_step"], val_values=loop.history.get("margin"),
+                        val_label="held-out reward margin")
     print0(f"saved {checkpoint_dir} step {step}")
 
 
-def format_eval(result):
+def eval_metrics(result):
+    """The held-out numbers of a dpo.evaluate_pairs result, flat (per source when there are several)."""
     a = result["all"]
-    line = (f"held-out loss {a['loss']:.4f} | margin {a['margin']:.4f} | reward acc {100 * a['reward_acc']:.1f}% | "
-            f"logp acc {100 * a['logp_acc']:.1f}%")
+    metrics = {"held-out loss": a["loss"], "margin": a["margin"], "reward acc": a["reward_acc"], "logp acc": a["logp_acc"]}
     groups = [g for g in result if g != "all"]
     if len(groups) > 1:
-        line += "".join(f" | {g} {100 * result[g]['reward_acc']:.1f}%/{100 * result[g]['logp_acc']:.1f}%" for g in groups)
-    return line
+        for g in groups:
+            metrics.update({f"{g} reward acc": result[g]["reward_acc"], f"{g} logp acc": result[g]["logp_acc"]})
+    return metrics
 
 
 # ----------------------------------------------------------------------------- training loop
-graceful = GracefulExit()
-memory_guard = MemoryGuard(max_memory_frac)
-eta = ETA(total_steps=num_iterations, start_step=start_step)
-t_start = time.time()
+loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
+                    grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    world_size=world_size)
 step = start_step
 while True:
-    last_step = step == num_iterations
-    if eval_every > 0 and (last_step or step % eval_every == 0) and (step > start_step or step == 0):
+    if loop.eval_now(step):
         model.eval()
         result = dpo.evaluate_pairs(model, eval_set, eval_ref, beta, B, pad_id, device, autocast, eval_groups,
                                     rank, world_size)
         model.train()
-        history["eval_step"].append(step)
-        history["eval"].append(result)
-        print0(f"step {step:05d} | {format_eval(result)}")
-        wandb_run.log({"step": step, **{f"eval/{g}/{k}": v for g, stats in result.items() for k, v in stats.items()}})
+        loop.history.setdefault("eval", []).append(result)  # every source's numbers, for the report
+        loop.log_eval(step, eval_metrics(result))
 
-    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+    if loop.save_or_stop(step, save):
         break
 
-    t0 = time.time()
     sums, n_tokens = None, 0
     for idx in step_micro_batches(step):
         inputs, targets = dpo.pairs_to_batch([train_pairs[i] for i in idx], pad_id, device)
         n_tokens += inputs.numel()
         with autocast:
             logps = dpo.sequence_logps(model, inputs, targets)
+        balance = orig_model.moe_balance_loss() / grad_accum_steps  # MoE: this forward's load balance (0 if dense)
         pi_c, pi_r = logps[:B], logps[B:]
         if train_ref is not None:
             ref = train_ref[idx]
@@ -318,53 +292,37 @@ while True:
             ref_c, ref_r = ref_logps[:B], ref_logps[B:]
         losses, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
         # mean over the step's pairs on all ranks; the distributed optimizers average over ranks
-        (losses.sum() * (world_size / P)).backward()
+        (losses.sum() * (world_size / P) + balance).backward()
         stats = dpo.pair_stats(pi_c.detach(), pi_r.detach(), ref_c, ref_r, beta)
         sums = stats if sums is None else {key: sums[key] + stats[key] for key in sums}
     totals = torch.tensor([sums["loss"], sums["margin"], sums["reward_acc"], sums["pairs"]], device=device,
                           dtype=torch.float64)
     all_reduce_sum(totals)
     loss_value, margin_value, acc_value = (totals[:3] / totals[3]).tolist()
-    if grad_clip > 0:
-        clip_grad_norm(orig_model, optimizers, grad_clip)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
-    set_schedule(optimizers, lrm, step)
-    for opt in optimizers:
-        opt.step()
-    orig_model.zero_grad(set_to_none=True)
-    dt = time.time() - t0
-    eta.update(dt)
+    lrm = loop.optimizer_step(orig_model, optimizers, step)
     step += 1
-    history["step"].append(step)
-    history["loss"].append(loss_value)
-    history["margin"].append(margin_value)
-    history["acc"].append(acc_value)
-    print0(format_step_line(step, num_iterations, loss_value, lrm, n_tokens * world_size / dt, None,
-                            time.time() - t_start, eta) + f" | margin {margin_value:.4f} | acc {100 * acc_value:.1f}%")
-    wandb_run.log({"step": step, "train/loss": loss_value, "train/margin": margin_value, "train/acc": acc_value, "train/lrm": lrm})
-
-graceful.close()
-wandb_run.finish()
+    loop.log(step, loss_value, lrm, tokens=n_tokens * world_size, metrics={"margin": margin_value, "acc": acc_value})
 
 # ----------------------------------------------------------------------------- report
-if history["eval"]:
-    first, final = history["eval"][0], history["eval"][-1]
+evals = loop.history.get("eval") or []
+if evals:
+    first, final = evals[0], evals[-1]
+    at = (loop.history["val_step"][0], loop.history["val_step"][-1])
     metrics = {"steps": step, "train pairs": len(train_pairs), "held-out pairs": len(eval_set), "beta": beta}
-    for label, res, at in (("start", first, history["eval_step"][0]), ("end", final, history["eval_step"][-1])):
-        metrics[f"{label} step"] = at
+    for label, res, when in (("start", first, at[0]), ("end", final, at[1])):
+        metrics[f"{label} step"] = when
         for g, stats in res.items():
             for key in ("loss", "margin", "reward_acc", "logp_acc"):
                 metrics[f"{label} {g} {key}"] = round(stats[key], 4)
     rows = ["| held-out | step | loss | reward margin | reward acc | logp acc |", "|---|---|---|---|---|---|"]
     for g in final:
-        for res, at in ((first, history["eval_step"][0]), (final, history["eval_step"][-1])):
+        for res, when in ((first, at[0]), (final, at[1])):
             s = res[g]
-            rows.append(f"| {g} | {at} | {s['loss']:.4f} | {s['margin']:.4f} | {100 * s['reward_acc']:.1f}% | "
+            rows.append(f"| {g} | {when} | {s['loss']:.4f} | {s['margin']:.4f} | {100 * s['reward_acc']:.1f}% | "
                         f"{100 * s['logp_acc']:.1f}% |")
     report.log_section("Chat DPO", metrics=metrics, config=user_config, table="\n".join(rows),
                        plots=[os.path.join(checkpoint_dir, "loss_curve.png")], stage="DPO",
                        summary={"pref acc": round(final["all"]["reward_acc"], 4),
                                 "logp acc": round(final["all"]["logp_acc"], 4),
                                 "margin": round(final["all"]["margin"], 4)})
-compute_cleanup()
-exit_if_stopped(step, num_iterations, graceful)
+loop.finish(step)

