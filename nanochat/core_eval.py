@@ -238,7 +238,7 @@ def nanochat_comparability(tasks, comparable):
     ran = [t for t in tasks if not t.get("missing")]
     reasons = []
     if not comparable:
-        reasons.append("examples sampled in file order, rows cropped to sequence_len (--comparable=True)")
+        reasons.append("our example sampling, rows cropped to sequence_len (--comparable=True)")
     if any(t.get("source") != "dclm" for t in ran):
         reasons.append("tasks converted offline, not DCLM's bundle (--bundle=dclm)")
     if len(ran) < len(task_list()):
