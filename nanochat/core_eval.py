@@ -15,7 +15,12 @@ centered = (accuracy - random_baseline) / (1 - random_baseline); CORE = mean of 
 
 Batched: the rows of several examples (one per choice/option) are padded into one forward.
 Under torchrun each rank takes examples rank::world_size and the counts are all-reduced.
-Sequences longer than the model's context are cropped from the left (the end is what is scored).
+Sequences longer than max_len are cropped from the left (the end is what is scored).
+
+By default a task keeps a fixed spread of max_per_task examples in file order and rows are cropped
+to the training length. comparable=True follows nanochat's scripts/base_eval.py instead: the rows
+shuffled with random.Random(1337), then its first max_per_task (all when None), shots drawn by
+position in that order; pair it with max_len=input_limit(model, comparable=True).
 """
 import json
 import os
@@ -25,10 +30,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.eval_data import LM, MC, SCHEMA, load_jsonl
+from nanochat.eval_data import LM, MC, SCHEMA, load_jsonl, task_list
 
-FEWSHOT_SEED = 1234  # example i draws its shots with random.Random(FEWSHOT_SEED + i)
-SAMPLE_SEED = 42     # which examples --max_per_task keeps (a fixed spread over the whole file)
+FEWSHOT_SEED = 1234    # example i draws its shots with random.Random(FEWSHOT_SEED + i) (nanochat's seed)
+SAMPLE_SEED = 42       # which examples --max_per_task keeps (a fixed spread over the whole file)
+REFERENCE_SEED = 1337  # nanochat's base_eval shuffles every task's rows with random.Random(1337)
 
 
 def fewshot_indices(n, index, k, seed=FEWSHOT_SEED):
@@ -50,9 +56,12 @@ def render_prompts(item, task_type, delimiter, fewshot):
         shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
         return [f"{shots}{ctx}{delimiter}{item['continuation']}" for ctx in item["context_options"]]
     if task_type == LM:
-        shots = "".join(f"{ex['context']}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        # contexts are trimmed, the item's and the shots' (as nanochat's render_prompts_lm): some
+        # bundle files carry stray whitespace that would otherwise sit before the delimiter
+        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        prompt = f"{shots}{item['context'].strip()}{delimiter}"
         # the delimiter's trailing space goes with the continuation (" sound" is one token)
-        return [f"{shots}{item['context']}{delimiter}".rstrip(), f"{shots}{item['context']}{delimiter}{item['continuation']}"]
+        return [prompt.strip(), prompt + item["continuation"]]
     raise ValueError(f"unknown task type {task_type!r}")
 
 
@@ -142,6 +151,19 @@ def select_examples(n, max_examples, seed=SAMPLE_SEED):
     return sorted(random.Random(seed).sample(range(n), max_examples))
 
 
+def reference_order(data, seed=REFERENCE_SEED):
+    """The rows in the order nanochat's base_eval evaluates them (a copy; `data` is left alone)."""
+    rows = list(data)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def input_limit(model, comparable=False):
+    """Longest row to score. By default the training length; comparable: what the model can take
+    at all (its rotary table, 10 x sequence_len), since nanochat never crops its own model."""
+    return model.cos.size(1) if comparable else model.config.sequence_len
+
+
 def _dist():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -186,25 +208,42 @@ def centered_accuracy(accuracy, random_baseline):
 
 
 def evaluate_core(model, tokenizer, tasks, data_dir, device, max_per_task=None, max_len=None, batch_tokens=8192,
-                  progress=None):
+                  progress=None, comparable=False):
     """Run every task that has data -> (results, core). results: one dict per task in `tasks`
     (label, task_type, num_fewshot, random_baseline, accuracy, centered, n, seconds), or with
-    "missing" for tasks that have no data. core = mean centered accuracy of the tasks that ran."""
+    "missing" for tasks that have no data. core = mean centered accuracy of the tasks that ran.
+    comparable: nanochat's example selection (see the module docstring)."""
     results = []
     for task in tasks:
         if task.get("missing"):
             results.append(dict(task))
             continue
         data = load_jsonl(os.path.join(data_dir, task["dataset_uri"]), task["task_type"])
+        if comparable:  # the shuffled head is the whole pool: the shots come from it too
+            data = reference_order(data)[:max_per_task or None]
         t0 = time.time()
         cb = (lambda done, total, label=task["label"]: progress(label, done, total)) if progress else None
-        correct, total = evaluate_task(model, tokenizer, data, task, device, max_len, max_per_task, batch_tokens, cb)
+        correct, total = evaluate_task(model, tokenizer, data, task, device, max_len,
+                                       None if comparable else max_per_task, batch_tokens, cb)
         accuracy = correct / max(total, 1)
         results.append(dict(task, accuracy=accuracy, centered=centered_accuracy(accuracy, task["random_baseline"]),
                             n=total, seconds=time.time() - t0))
     ran = [r["centered"] for r in results if "centered" in r]
     core = sum(ran) / len(ran) if ran else float("nan")
     return results, core
+
+
+def nanochat_comparability(tasks, comparable):
+    """Why a run over `tasks` cannot stand beside nanochat's published CORE ([] when it can)."""
+    ran = [t for t in tasks if not t.get("missing")]
+    reasons = []
+    if not comparable:
+        reasons.append("our example sampling, rows cropped to sequence_len (--comparable=True)")
+    if any(t.get("source") != "dclm" for t in ran):
+        reasons.append("tasks converted offline, not DCLM's bundle (--bundle=dclm)")
+    if len(ran) < len(task_list()):
+        reasons.append(f"{len(ran)} of the {len(task_list())} CORE tasks")
+    return reasons
 
 
 def results_table(results, core):

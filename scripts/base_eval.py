@@ -5,12 +5,15 @@ optionally its val bits per byte.
     python -m scripts.base_eval --checkpoint=base_checkpoints/d4
     python -m scripts.base_eval --checkpoint=base_checkpoints/d4 --random_init     # the ~0 baseline
     python -m scripts.base_eval --tasks=arc_easy,piqa --max_per_task=0             # 0: every example
+    python -m scripts.base_eval --bundle=dclm --comparable=True                    # beside nanochat's numbers
     torchrun --nproc_per_node=2 -m scripts.base_eval -- --checkpoint=base_checkpoints/latest
 
 Data: the DCLM eval bundle in <base>/eval_bundle/ when present (--bundle=dclm downloads it where a
 network exists); otherwise the tasks converted offline from pinned packages (nanochat/eval_data.py).
 The table says which tasks ran and which are missing. max_per_task (default 100) keeps the run
 under 10 minutes for the configs/cpu.py model on 2 CPU cores; use 0 on a GPU for the full CORE.
+--comparable=True runs nanochat's protocol (every example in its shuffled order, rows cropped only
+at the rotary table); with the DCLM bundle and all 22 tasks the CORE stands beside its published ones.
 """
 import os
 import sys
@@ -36,6 +39,7 @@ checkpoint = "base_checkpoints/latest"
 device_type = ""              # cuda | mps | cpu; empty: autodetect
 tasks = ""                    # comma-separated CORE labels; empty: all 22 (missing ones are listed)
 max_per_task = 100            # examples per task (a fixed random spread); 0: all
+comparable = False            # nanochat's protocol: every example, its shuffle, no crop to sequence_len
 batch_tokens = 8192           # padded tokens per forward
 bundle = "auto"               # auto (DCLM bundle if present, else offline) | dclm (download) | offline
 random_init = False           # score a freshly initialised model of the checkpoint's config instead
@@ -83,7 +87,12 @@ if rank == 0:
 if ddp:
     torch.distributed.barrier()
 task_list, bundle_dir = eval_data.load_tasks(bundle, labels=labels)
-print0(f"eval data: {bundle_dir}; {max_per_task or 'all'} examples per task; max_len {model.config.sequence_len}")
+per_task = "all" if comparable else max_per_task or "all"
+max_len = core_eval.input_limit(model, comparable)
+print0(f"eval data: {bundle_dir}; {per_task} examples per task; max_len {max_len}"
+       + ("; nanochat's protocol (--comparable)" if comparable else ""))
+not_comparable = core_eval.nanochat_comparability(task_list, comparable)
+print0("comparable with nanochat's published CORE: " + ("yes" if not not_comparable else "no: " + "; ".join(not_comparable)))
 
 t_start = time.time()
 
@@ -95,8 +104,8 @@ def progress(label, done, total):
 
 with autocast:
     results, core = core_eval.evaluate_core(model, tokenizer, task_list, bundle_dir, device,
-                                            max_per_task=max_per_task or None, max_len=model.config.sequence_len,
-                                            batch_tokens=batch_tokens, progress=progress)
+                                            max_per_task=None if comparable else max_per_task or None, max_len=max_len,
+                                            batch_tokens=batch_tokens, progress=progress, comparable=comparable)
 print0()
 table = core_eval.results_table(results, core)
 print0(table)
@@ -106,7 +115,7 @@ wall = time.time() - t_start
 print0(f"CORE {core:.4f} over {len(ran)} tasks; missing: {', '.join(missing) or 'none'}; eval time {format_hms(wall)}")
 
 metrics = {"CORE": core, "tasks run": len(ran), "tasks missing": ", ".join(missing) or "none",
-           "examples per task": max_per_task or "all", "eval seconds": round(wall, 1)}
+           "examples per task": per_task, "comparable with nanochat": not not_comparable, "eval seconds": round(wall, 1)}
 if bpb:
     from nanochat.dataloader import data_loader
     from nanochat.loss_eval import evaluate_bpb
@@ -122,7 +131,8 @@ if rank == 0:
     from nanochat.common import get_base_dir
     out = output or os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step:06d}{'_random' if random_init else ''}.json")
     core_eval.write_results_json(out, results, core, {"checkpoint": checkpoint_dir, "step": step, "random_init": random_init,
-                                                      "max_per_task": max_per_task})
+                                                      "max_per_task": max_per_task, "comparable": comparable,
+                                                      "not_comparable_with_nanochat": not_comparable})
     print0(f"results: {out}")
     try:
         from nanochat import report

