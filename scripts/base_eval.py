@@ -23,13 +23,12 @@ if __package__ in (None, ""):  # also runnable as `python scripts/base_eval.py`
 
 import importlib.util
 import time
-from contextlib import nullcontext
 
 import torch
 
 from nanochat import core_eval, eval_data
-from nanochat.checkpoint_manager import build_model, resolve_checkpoint
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, print0
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import autocast_for, compute_cleanup, compute_init, print0
 from nanochat.configurator import configure
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import format_hms
@@ -52,13 +51,10 @@ output = ""                   # results JSON; empty: <base>/base_eval/<tag>_<ste
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage="base")
-model, meta = build_model(checkpoint_dir, step, device)
+autocast = autocast_for(device)
+tokenizer = get_tokenizer()
+model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="base")
 model_tag = os.path.basename(checkpoint_dir)
 if random_init:
     from nanochat.gpt import GPT
@@ -67,10 +63,6 @@ if random_init:
         model = GPT(model.config)
     model.init_weights()
     model.eval()
-tokenizer = get_tokenizer()
-if tokenizer.get_vocab_size() != model.config.vocab_size:
-    raise SystemExit(f"{checkpoint_dir} step {step}: the model's vocab ({model.config.vocab_size}) is not the "
-                     f"tokenizer's ({tokenizer.get_vocab_size()})")
 what = f"{checkpoint_dir} step {step}" + (" (RANDOM INIT, same config)" if random_init else "")
 print0(f"model: {what}")
 if importlib.util.find_spec("transformers") is None:

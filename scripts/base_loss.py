@@ -10,12 +10,10 @@ import sys
 if __package__ in (None, ""):  # also runnable as `python scripts/base_loss.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from contextlib import nullcontext
 
-import torch
 
-from nanochat.checkpoint_manager import build_model, resolve_checkpoint
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, print0
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import autocast_for, compute_cleanup, compute_init, print0
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -31,17 +29,10 @@ max_new_tokens = 24
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 
-device_type = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage="base")
-model, meta = build_model(checkpoint_dir, step, device)
+autocast = autocast_for(device)
 tokenizer = get_tokenizer()
-if tokenizer.get_vocab_size() != model.config.vocab_size:
-    raise SystemExit(f"{checkpoint_dir} step {step}: the model's vocab ({model.config.vocab_size}) is not the "
-                     f"tokenizer's ({tokenizer.get_vocab_size()}): retrain or point NANOCHAT_BASE_DIR at the right tokenizer")
+model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="base")
 token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 steps = max(1, split_tokens // (device_batch_size * seq_len * world_size))

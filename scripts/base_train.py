@@ -27,7 +27,7 @@ import torch
 from nanochat import report
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (all_reduce_sum, autocast_for, broadcast_from_master, compute_cleanup, compute_dtype, compute_init,
-                             get_base_dir, init_wandb, print0, seed_everything)
+                             get_base_dir, print0, seed_everything)
 from nanochat.configurator import configure
 from nanochat.data_stats import corpus_stats, format_stats, write_stats
 from nanochat.dataloader import data_loader
@@ -60,14 +60,10 @@ target_param_data_ratio = 20
 device_batch_size = 32
 total_batch_size = 524288
 # optimization
-embedding_lr = 0.2
-unembedding_lr = 0.004
-matrix_lr = 0.02
+embedding_lr, unembedding_lr, matrix_lr = 0.2, 0.004, 0.02  # AdamW (embedding, lm_head), Muon (matrices)
 weight_decay = 0.0
 grad_clip = 1.0                # 0 disables clipping
-warmup_ratio = 0.0
-warmdown_ratio = 0.2
-final_lr_frac = 0.0
+warmup_ratio, warmdown_ratio, final_lr_frac = 0.0, 0.2, 0.0  # lr: warm-up, constant, linear warm-down to final
 # evaluation, samples, checkpoints
 eval_every = 250               # val bits per byte every N steps (and at the end)
 eval_tokens = 20 * 524288
@@ -198,10 +194,9 @@ def sample(prompts, max_new_tokens=24):
 
 
 # ----------------------------------------------------------------------------- training loop
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
                     grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
-                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, run=run, config=user_config, use_dummy_wandb=use_dummy_wandb, device=device,
                     flops_per_token=flops_per_token, world_size=world_size)
 step = start_step
 while True:

@@ -16,12 +16,11 @@ import sys
 if __package__ in (None, ""):  # also runnable as `python scripts/chat_cli.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, resolve_chat_checkpoint
-from nanochat.common import autodetect_device_type, compute_dtype
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import autocast_for, autodetect_device_type
 from nanochat.configurator import configure
 from nanochat.engine import Engine
 from nanochat.tokenizer import get_tokenizer
@@ -41,16 +40,13 @@ configure(globals(), aliases={"p": "prompt", "t": "temperature", "k": "top_k"})
 # -----------------------------------------------------------------------------
 
 
-device_type = device_type or autodetect_device_type()
-device = torch.device("cuda" if device_type == "cuda" else device_type)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+device = torch.device(device_type or autodetect_device_type())
+autocast = autocast_for(device)
+tokenizer = get_tokenizer()
 try:
-    checkpoint_dir, step = resolve_chat_checkpoint(checkpoint)
-    model, meta = build_model(checkpoint_dir, step, device, phase="eval")
+    model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chat")
 except CheckpointError as e:
     sys.exit(f"chat_cli: {e}")
-tokenizer = get_tokenizer()
 engine = Engine(model, tokenizer)
 special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 bos, assistant_end = tokenizer.get_bos_token_id(), special["<|assistant_end|>"]

@@ -34,7 +34,7 @@ from nanochat import report, tasks
 from nanochat.chat_data import conversation_batches, conversation_eval_batches
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, load_model,
                                          save_checkpoint, stage_dir)
-from nanochat.common import all_reduce_sum, autocast_for, compute_init, get_base_dir, init_wandb, print0, seed_everything
+from nanochat.common import all_reduce_sum, autocast_for, compute_init, get_base_dir, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
 from nanochat.distill import model_distill_loss, token_weights
@@ -66,15 +66,11 @@ max_seq_len = 0                # 0: the teacher's (else init checkpoint's, else 
 num_iterations = 100
 device_batch_size = 16         # rows of max_seq_len tokens per forward pass
 total_batch_size = 8192        # tokens per optimizer step (rows x max_seq_len): sets gradient accumulation
-embedding_lr = 0.2
-unembedding_lr = 0.004
-matrix_lr = 0.02
+embedding_lr, unembedding_lr, matrix_lr = 0.2, 0.004, 0.02  # AdamW (embedding, lm_head), Muon (matrices)
 init_lr_frac = 1.0             # times the lrs above; lower it when continuing a trained checkpoint
 weight_decay = 0.0
 grad_clip = 1.0                # 0 disables clipping
-warmup_ratio = 0.0
-warmdown_ratio = 0.4
-final_lr_frac = 0.0
+warmup_ratio, warmdown_ratio, final_lr_frac = 0.0, 0.4, 0.0  # lr: warm-up, constant, linear warm-down to final
 # evaluation, checkpoints
 eval_every = 50                # every N steps and at the end; -1: never
 eval_tokens = 131072           # base mode: val tokens for bits per byte
@@ -113,7 +109,6 @@ ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
 autocast = autocast_for(device)
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -275,7 +270,7 @@ if teacher_model is not None and mode == "base":  # every rank: evaluate_bpb all
     print0(f"teacher {val_name}: {teacher_val:.4f}")
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
                     grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
-                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, run=run, config=user_config, use_dummy_wandb=use_dummy_wandb, device=device,
                     flops_per_token=flops_per_token, world_size=world_size)
 step = start_step
 while True:

@@ -33,7 +33,7 @@ import torch
 
 from nanochat import dpo, lora, report, tasks
 from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, open_training_source, save_checkpoint
-from nanochat.common import all_reduce_sum, autocast_for, compute_init, init_wandb, print0, seed_everything
+from nanochat.common import all_reduce_sum, autocast_for, compute_init, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
@@ -52,14 +52,10 @@ num_iterations = -1            # -1: one epoch of the training pairs
 beta = 0.1                     # DPO temperature: how far the policy may move from the reference
 precompute_ref = True          # reference log-probs once before training (no second model in memory)
 init_lr_frac = 0.02            # fraction of the pretraining learning rates (full fine-tuning)
-embedding_lr = 0.2
-unembedding_lr = 0.004
-matrix_lr = 0.02
+embedding_lr, unembedding_lr, matrix_lr = 0.2, 0.004, 0.02  # AdamW (embedding, lm_head), Muon (matrices)
 weight_decay = 0.0
 grad_clip = 1.0                # 0 disables clipping
-warmup_ratio = 0.0
-warmdown_ratio = 1.0           # linear decay over the whole run
-final_lr_frac = 0.0
+warmup_ratio, warmdown_ratio, final_lr_frac = 0.0, 1.0, 0.0  # lr: warm-up, constant, linear warm-down to final
 lora_rank = 0                  # > 0: train LoRA adapters of this rank only (base frozen); 0: full fine-tuning
 lora_alpha = 32.0              # adapter scale alpha / rank
 lora_targets = "attn.c_q,attn.c_v,mlp.c_fc"  # linear layers that get adapters (name patterns, comma-separated)
@@ -83,7 +79,6 @@ ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
 autocast = autocast_for(device)
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 tokenizer = get_tokenizer()
 pad_id = tokenizer.get_bos_token_id()
 
@@ -241,7 +236,7 @@ def save(step):
             lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
         write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
         plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
-                        "DPO: train loss", val_steps=loop.history["val_step"], val_values=loop.history.get("margin"),
+                        "DPO: train loss", val_steps=loop.history["val_step"], val_values=loop.history.get("held-out margin"),
                         val_label="held-out reward margin")
     print0(f"saved {checkpoint_dir} step {step}")
 
@@ -249,7 +244,8 @@ def save(step):
 def eval_metrics(result):
     """The held-out numbers of a dpo.evaluate_pairs result, flat (per source when there are several)."""
     a = result["all"]
-    metrics = {"held-out loss": a["loss"], "margin": a["margin"], "reward acc": a["reward_acc"], "logp acc": a["logp_acc"]}
+    metrics = {"held-out loss": a["loss"], "held-out margin": a["margin"], "reward acc": a["reward_acc"],
+               "logp acc": a["logp_acc"]}
     groups = [g for g in result if g != "all"]
     if len(groups) > 1:
         for g in groups:
@@ -260,7 +256,7 @@ def eval_metrics(result):
 # ----------------------------------------------------------------------------- training loop
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
                     grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
-                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, run=run, config=user_config, use_dummy_wandb=use_dummy_wandb, device=device,
                     world_size=world_size)
 step = start_step
 while True:

@@ -146,23 +146,18 @@ def stage_of(checkpoint_dir):
 
 def main(user_config):
     import time
-    from contextlib import nullcontext
 
-    from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+    from nanochat.checkpoint_manager import load_model
     from nanochat.core_eval import select_examples
-    from nanochat.common import autodetect_device_type, compute_cleanup, compute_dtype, compute_init, print0
+    from nanochat.common import autocast_for, compute_cleanup, compute_init, print0
     from nanochat.engine import Engine
     from nanochat.tokenizer import get_tokenizer
     from nanochat.training import format_hms
 
-    global device_type
-    device_type = device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    dtype = compute_dtype(device_type)
-    autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage="chatsft")
-    model, meta = build_model(checkpoint_dir, step, device)
+    autocast = autocast_for(device)
     tokenizer = get_tokenizer()
+    model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chatsft")
     engine = Engine(model, tokenizer)
     names = list(_TASK_NAMES) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
     unknown = [n for n in names if n not in _TASK_NAMES]

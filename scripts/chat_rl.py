@@ -30,7 +30,7 @@ import torch
 
 from nanochat import report, tasks
 from nanochat.checkpoint_manager import build_model, load_checkpoint, open_training_source, save_checkpoint
-from nanochat.common import all_reduce_sum, compute_init, init_wandb, print0, seed_everything
+from nanochat.common import all_reduce_sum, compute_init, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.engine import Engine
 from nanochat.rl import (completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch, sample_group,
@@ -62,14 +62,10 @@ spelling_examples = 5000
 long_min_digits = 3            # LongArithmetic operands (train and test)
 long_max_digits = 5
 init_lr_frac = 0.05            # fraction of the pretraining learning rates
-embedding_lr = 0.2
-unembedding_lr = 0.004
-matrix_lr = 0.02
+embedding_lr, unembedding_lr, matrix_lr = 0.2, 0.004, 0.02  # AdamW (embedding, lm_head), Muon (matrices)
 weight_decay = 0.0
 grad_clip = 1.0                # 0 disables clipping
-warmup_ratio = 0.0
-warmdown_ratio = 1.0           # linear decay over the whole run
-final_lr_frac = 0.0
+warmup_ratio, warmdown_ratio, final_lr_frac = 0.0, 1.0, 0.0  # lr: warm-up, constant, linear warm-down to final
 eval_every = 20                # pass@k on the held-out problems every N steps (and at start/end); -1: never
 eval_tasks = "arithmetic,long_arithmetic,spelling"  # comma list of arithmetic, long_arithmetic, spelling
 eval_problems = 50             # held-out test problems per eval task
@@ -94,7 +90,6 @@ if not 0.0 <= reward_weight <= 1.0:
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 tokenizer = get_tokenizer()
 
 
@@ -254,7 +249,7 @@ def save(step):
 
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every if eval_sets else 0,
                     save_every=save_every, grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
-                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, run=run, config=user_config, use_dummy_wandb=use_dummy_wandb, device=device,
                     world_size=world_size)
 step = start_step
 while True:

@@ -35,14 +35,10 @@ target_examples_per_step = 64 if _mid else 32  # rows per optimizer step: sets g
 num_iterations = -1            # -1: one epoch of the mixture
 pack = _mid                    # True: several conversations per row; False: one per row (padded)
 init_lr_frac = 1.0 if _mid else 0.02          # fraction of the pretraining learning rates to start from
-embedding_lr = 0.2
-unembedding_lr = 0.004
-matrix_lr = 0.02
+embedding_lr, unembedding_lr, matrix_lr = 0.2, 0.004, 0.02  # AdamW (embedding, lm_head), Muon (matrices)
 weight_decay = 0.0
 grad_clip = 1.0                # 0 disables clipping
-warmup_ratio = 0.0
-warmdown_ratio = 0.2 if _mid else 1.0         # SFT: linear decay over the whole run
-final_lr_frac = 0.0
+warmup_ratio, warmdown_ratio, final_lr_frac = 0.0, 0.2 if _mid else 1.0, 0.0  # lr: warm-up, constant, linear warm-down to final
 eval_every = 150 if _mid else 100             # val loss (+ task accuracies) every N steps and at the end; -1: never
 eval_examples = 400 if _mid else 200          # val conversations (the tasks' test splits, never trained on)
 eval_problems = 0 if _mid else 20             # held-out problems per task for the accuracies; 0: none
@@ -74,7 +70,7 @@ import torch
 from nanochat import lora, report, tasks
 from nanochat.chat_data import conversation_batches, conversation_eval_batches, estimate_rows_per_epoch
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, open_training_source, save_checkpoint
-from nanochat.common import all_reduce_sum, autocast_for, compute_init, init_wandb, print0, seed_everything
+from nanochat.common import all_reduce_sum, autocast_for, compute_init, print0, seed_everything
 from nanochat.data_stats import format_stats, task_stats, write_stats
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss
@@ -86,7 +82,6 @@ ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master = rank == 0
 seed_everything(seed)
 autocast = autocast_for(device)
-wandb_run = init_wandb(run, user_config, master, use_dummy_wandb=use_dummy_wandb)
 tokenizer = get_tokenizer()
 
 
@@ -189,7 +184,7 @@ def save(step):
 # ----------------------------------------------------------------------------- training loop
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every, save_every=save_every,
                     grad_clip=grad_clip, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
-                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, wandb_run=wandb_run, device=device,
+                    final_lr_frac=final_lr_frac, max_memory_frac=max_memory_frac, run=run, config=user_config, use_dummy_wandb=use_dummy_wandb, device=device,
                     flops_per_token=orig_model.estimate_flops(), world_size=world_size)
 step = start_step
 while True:

@@ -49,7 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, resolve_chat_checkpoint
+from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autodetect_device_type, compute_dtype, get_base_dir
 from nanochat.configurator import configure
 from nanochat.engine import Engine
@@ -393,21 +393,17 @@ else:
     devices = [torch.device(device_type)] * num_workers
     if device_type == "cpu":  # share the cores between the workers instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
+tokenizer = get_tokenizer()
 try:
-    checkpoint_dir, step = resolve_chat_checkpoint(checkpoint)
     models = {}
     for d in dict.fromkeys(devices):
-        models[d], meta = build_model(checkpoint_dir, step, d, phase="eval")
+        models[d], meta, checkpoint_dir, step = load_model(checkpoint, d, tokenizer, default_stage="chat")
 except CheckpointError as e:
     sys.exit(f"chat_web: {e}")
-tokenizer = get_tokenizer()
 vocab_size = tokenizer.get_vocab_size()
 special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 special_ids = set(special.values())
 first_model = next(iter(models.values()))
-if first_model.config.vocab_size != vocab_size:
-    sys.exit(f"chat_web: {checkpoint_dir} has vocab size {first_model.config.vocab_size}, the tokenizer in "
-             f"{os.path.join(get_base_dir(), 'tokenizer')} has {vocab_size}")
 context_len = max_context or first_model.config.sequence_len
 # each worker its own model copy: every request has its own KV cache, but a forward also writes
 # module attributes (a MoE layer's aux_loss), so two threads never share a model

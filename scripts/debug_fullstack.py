@@ -31,12 +31,11 @@ import dataclasses
 import json
 import math
 import unicodedata
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, resolve_checkpoint
-from nanochat.common import autodetect_device_type, compute_dtype, compute_init, seed_everything
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import autocast_for, compute_dtype, compute_init, seed_everything
 from nanochat.configurator import configure
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
@@ -101,11 +100,10 @@ def describe(name, t):
 
 # ----------------------------------------------------------------------------- 1. setup
 section("1. setup")
-device_type = device_type or autodetect_device_type()
 _, _, _, _, device = compute_init(device_type)
 seed_everything(seed)
-dtype = compute_dtype(device_type)
-autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+dtype = compute_dtype(device.type)
+autocast = autocast_for(device)
 tokenizer = get_tokenizer()
 vocab_size = tokenizer.get_vocab_size()
 special_ids = {tokenizer.encode_special(name): name for name in tokenizer.get_special_tokens()}
@@ -116,13 +114,9 @@ print(f"tokenizer: vocab {vocab_size:,} ({len(special_ids)} special tokens: {', 
 if checkpoint:
     default_stage = {"pretrain": "base", "sft": "mid", "dpo": "chatsft"}[mode]
     try:
-        checkpoint_dir, step = resolve_checkpoint(checkpoint, default_stage=default_stage)
-        model, meta = build_model(checkpoint_dir, step, device, phase="train")
+        model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage, phase="train")
     except CheckpointError as e:
         raise SystemExit(f"debug_fullstack: {e}") from None
-    if model.config.vocab_size != vocab_size:
-        raise SystemExit(f"{meta['checkpoint_file']}: vocab size {model.config.vocab_size} does not match the "
-                         f"tokenizer's {vocab_size}")
     print(f"model: loaded {checkpoint_dir} step {step}")
 else:
     model_config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len)

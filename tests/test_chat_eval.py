@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from nanochat import tasks
-from nanochat.tasks.common import Task, is_test_item
+from nanochat.engine import Engine
+from nanochat.tasks.common import Task
 from nanochat.tasks.humaneval import HumanEval, extract_code
 from nanochat.tasks.olmo_eval import HF, EvalMultipleChoice
 from nanochat.tokenizer import RustBPETokenizer
@@ -87,7 +88,7 @@ def test_categorical_scorer_right_and_wrong(tokenizer):
     assert chat_eval.categorical_answers(LetterModel(tokenizer, good="B", bad="A"), tokenizer, two, "cpu") == ["B"]
 
 
-class ScriptedEngine:
+class ScriptedEngine(Engine):
     """Replies with the given texts in order, like Engine.generate_batch (ids without the stop token)."""
 
     def __init__(self, tokenizer, replies):

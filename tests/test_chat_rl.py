@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nanochat import tasks
-from nanochat.chat_data import render_example, rows_to_batch
+from nanochat.chat_data import render_example
+from nanochat.rows import rows_to_batch
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -284,7 +285,7 @@ def test_chat_rl_runs_and_resumes_like_a_straight_run(base_dir):
     steps = STEP_RE.findall(straight)
     assert [int(s) for s, *_ in steps] == [1, 2, 3, 4]
     assert any(float(loss) != 0.0 for _, _, loss, _ in steps)  # some group's rewards differed: it trained
-    assert len(re.findall(r"^step 0000[024] \| eval arithmetic pass@1 [0-9.]+ \| arithmetic pass@2 [0-9.]+ \| "
+    assert len(re.findall(r"^step 0000[024] \| arithmetic pass@1 [0-9.]+ \| arithmetic pass@2 [0-9.]+ \| "
                           r"long_arithmetic pass@1 [0-9.]+ \| long_arithmetic pass@2", straight, re.M)) == 3
     assert os.path.exists(os.path.join(base_dir, "report", "sections", "chat-rl.json"))
     rl_dir = os.path.join(base_dir, "chatrl_checkpoints")

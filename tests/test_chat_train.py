@@ -4,6 +4,7 @@ lanes), the step's loss normalisation, interrupt + resume of the fine-tuning loo
 mid_train -> chat_sft -> chat_cli end to end on CPU on a tiny base model.
 Run: nice -n 19 python -m pytest tests/test_chat_train.py -q
 """
+import json
 import os
 import re
 import signal
@@ -15,10 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.chat_data import (conversation_batches, conversation_eval_batches, estimate_rows_per_epoch, finetune,
-                                train_micro_steps)
+from nanochat.chat_data import conversation_batches, conversation_eval_batches, estimate_rows_per_epoch
 from nanochat.dataset import parquets_iter_batched
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,23 +154,6 @@ def test_resume_state_is_exact_and_lanes_partition(tokenizer):
     assert sum(x.size(0) for lane in lanes for x, _ in lane) == len(task)
 
 
-def test_step_loss_is_per_assistant_token(tokenizer):
-    """Two micro-batches give the gradient and loss of one batch holding both (tokens differ per row)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
-    model.init_weights()
-    x, y, _ = next(conversation_batches(ListTask(make_conversations(20)), tokenizer, B=4, T=32, pack=False))
-    assert (y[:2] >= 0).sum() != (y[2:] >= 0).sum()
-    loss_split = train_micro_steps(model, [(x[:2], y[:2]), (x[2:], y[2:])], world_size=1)
-    grads_split = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    loss_whole = train_micro_steps(model, [(x, y)], world_size=1)
-    assert abs(loss_split - loss_whole) < 1e-5
-    assert abs(loss_whole - model(x, y).item()) < 1e-5  # == mean over the assistant tokens
-    for g1, p in zip(grads_split, model.parameters()):
-        assert torch.allclose(g1, p.grad, atol=1e-6)
-
-
 def test_cli_reply_printer_streams_utf8_and_shows_tool_calls(tokenizer, capsys):
     """chat_cli's ReplyPrinter (taken from the script's source: the script runs on import) prints
     whole characters as the tokens arrive and a calculator call as [calc: expr = result]."""
@@ -256,38 +238,30 @@ def test_mid_sft_cli_end_to_end(base_dir, tmp_path):
     assert out.strip().splitlines()[-1].strip()  # the reply (whatever a 3-step model says)
 
 
-def test_interrupt_and_resume_matches_uninterrupted(base_dir, tokenizer, capsys, monkeypatch):
-    """In-process finetune: SIGINT at step 2 saves and stops; --resume ends where a straight run does."""
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", base_dir)
-    convs = make_conversations(40)
-    opts = dict(run="dummy", use_dummy_wandb=False, device_type="cpu", model_tag="", max_seq_len=0, device_batch_size=2,
-                target_examples_per_step=4, num_iterations=5, init_lr_frac=0.5, embedding_lr=0.2, unembedding_lr=0.004,
-                matrix_lr=0.02, weight_decay=0.0, grad_clip=1.0, warmup_ratio=0.0, warmdown_ratio=0.4, final_lr_frac=0.0,
-                eval_every=2, eval_examples=4, save_every=-1, keep_last=2, resume=False, compile=False, seed=42,
-                max_memory_frac=0.9)
-
-    def go(tag, interrupt_at=None, resume=False):
-        def on_eval(model, step):
-            if step == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the loop saves this step and exits
-            return {}
-        o = {**opts, "model_tag": tag, "resume": resume}
-        try:
-            finetune("mid", "base_checkpoints/d1", "base", ListTask(convs[8:]), ListTask(convs[:8]), tokenizer, o, o,
-                     extra_eval=on_eval)
-        except SystemExit as e:  # stopped early after saving: exit 130, so speedrun.sh does not mark it done
-            assert interrupt_at is not None and e.code == 130
-        return capsys.readouterr().out
-
-    straight = go("straight")
-    first = go("split", interrupt_at=2)
-    assert "stopping at step 2" in first
-    second = go("split", resume=True)
-    assert "resumed from" in second
+def test_interrupt_and_resume_matches_uninterrupted(base_dir, tmp_path):
+    """mid_train on a user JSONL: SIGINT mid-run saves and exits 130; --resume ends where a straight run does."""
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in make_conversations(40)))
+    args = ["--device_type=cpu", "--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=6",
+            "--init_lr_frac=0.5", "--eval_every=2", "--eval_examples=4", "--generated_examples=0", "--identity_examples=0",
+            "--chitchat_examples=0", "--multiple_choice_examples=0", f"--data_path={data}"]
+    straight = run_script(base_dir, "mid_train", args + ["--model_tag=straight"])
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.mid_train", *args, "--model_tag=split"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = ""
+    for line in proc.stdout:
+        first += line
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C: the loop saves at the end of this step and exits
+    assert proc.wait() == 130, first[-2000:]  # stopped early after saving: not taken for finished
+    stopped = int(re.search(r"stopping at step (\d+)", first).group(1))
+    second = run_script(base_dir, "mid_train", args + ["--model_tag=split", "--resume"])
+    assert f"resumed from {os.path.join(base_dir, 'mid_checkpoints', 'split')} step {stopped}" in second
     a = {int(s): float(v) for s, v in LOSS_RE.findall(straight)}
     b = {int(s): float(v) for s, v in LOSS_RE.findall(first + second)}
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    for step in (3, 4, 5):
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6] and 2 <= stopped < 6
+    for step in range(stopped + 1, 7):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 

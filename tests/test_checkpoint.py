@@ -188,17 +188,30 @@ def test_resolve_checkpoint_errors_list_what_exists(base):
         resolve_checkpoint("base_checkpoints/d4/model_000300.pt")
 
 
-def test_check_compatible(tmp_path):
+def test_check_compatible(tmp_path, monkeypatch):
     save(tmp_path, 10)
     _, _, meta = load_checkpoint(str(tmp_path), 10, "cpu")
-    check_compatible(meta, {"vocab_size": 8, "n_layer": 1}, "abc")  # matches: no error
+    check_compatible(meta, expected_model_config={"vocab_size": 8, "n_layer": 1})  # matches: no error
     with pytest.raises(CheckpointError) as e:
-        check_compatible(meta, {"vocab_size": 65536})
+        check_compatible(meta, expected_model_config={"vocab_size": 65536})
     assert "model_000010.pt" in str(e.value) and "vocab size mismatch" in str(e.value) and "65536" in str(e.value)
     with pytest.raises(CheckpointError, match=r"model_config\['n_layer'\] mismatch"):
-        check_compatible(meta, {"n_layer": 2})
+        check_compatible(meta, expected_model_config={"n_layer": 2})
+
+    class Tokenizer:  # what check_compatible asks of a tokenizer: its vocab size and fingerprint
+        def __init__(self, vocab_size):
+            self.vocab_size = vocab_size
+
+        def get_vocab_size(self):
+            return self.vocab_size
+    import nanochat.tokenizer
+    monkeypatch.setattr(nanochat.tokenizer, "tokenizer_fingerprint", lambda tok: "def")
+    check_compatible({**meta, "tokenizer_hash": None}, Tokenizer(8))  # no recorded hash: the vocab decides
+    with pytest.raises(CheckpointError, match="model_000010.pt: vocab size mismatch"):
+        check_compatible(meta, Tokenizer(9))
     with pytest.raises(CheckpointError, match="model_000010.pt: tokenizer mismatch"):
-        check_compatible(meta, expected_tokenizer_hash="def")
+        check_compatible({**meta, "tokenizer_hash": "abc"}, Tokenizer(8))
+    check_compatible({**meta, "tokenizer_hash": "def"}, Tokenizer(8))
 
 
 def test_build_model_round_trip(tmp_path):

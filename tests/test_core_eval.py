@@ -345,13 +345,13 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n"
                     + json.dumps({"query": "q", "choices": ["a", "b"], "gold": 5}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'gold'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: field 'gold'"):
         eval_data.load_jsonl(str(path), MC)
     path.write_text(json.dumps({"context": "c"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: missing field 'continuation'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 1: missing field 'continuation'"):
         eval_data.load_jsonl(str(path), LM)
     path.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 1: malformed JSON"):
         eval_data.load_jsonl(str(path), LM)
 
 

