@@ -56,6 +56,7 @@ def hf_config(config: GPTConfig, tokenizer, dtype: str) -> dict:
         "rms_norm_eps": RMS_NORM_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "final_logit_softcapping": float(config.softcap), "tie_word_embeddings": False,
         "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
+        "rope_theta": ROPE_THETA, "torch_dtype": dtype,  # the same, for transformers 4.x readers
         # pad is a stop token, so generate never infers an attention mask from it (our prompts contain it)
         "bos_token_id": tokenizer.get_bos_token_id(), "eos_token_id": sp("<|assistant_end|>"),
         "pad_token_id": sp("<|assistant_end|>"),
@@ -174,6 +175,14 @@ def byte_to_unicode() -> dict:
     return mapping
 
 
+BYTE_TEXT = byte_to_unicode()
+
+
+def token_text(token: bytes) -> str:
+    """A token as it appears in tokenizer.json's vocab and merges."""
+    return "".join(BYTE_TEXT[b] for b in token)
+
+
 def _bpe_parts(token: bytes, ranks: dict, max_rank: int) -> list:
     """BPE on token's bytes with merges of rank < max_rank only (lowest rank first, as tiktoken)."""
     parts = [token[i:i + 1] for i in range(len(token))]
@@ -210,10 +219,8 @@ def hf_tokenizer(tokenizer: RustBPETokenizer):
     ranks = tokenizer.get_mergeable_ranks()
     if any(len(token) != 1 for token, _ in ranks[:256]) or len({t for t, _ in ranks[:256]}) != 256:
         raise ExportError("the first 256 ranks are not the 256 single bytes: not a byte-level BPE")
-    alphabet = byte_to_unicode()
-    text = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
-    vocab = {text(token): rank for token, rank in ranks}
-    merges = [(text(a), text(b)) for a, b in bpe_merges(ranks)]
+    vocab = {token_text(token): rank for token, rank in ranks}
+    merges = [(token_text(a), token_text(b)) for a, b in bpe_merges(ranks)]
     # ignore_merges: a pre-token that is itself a token maps to it directly, as tiktoken does
     hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -227,7 +234,23 @@ def hf_tokenizer(tokenizer: RustBPETokenizer):
     for name in SPECIAL_TOKENS:
         if hf.token_to_id(name) != tokenizer.encode_special(name):
             raise ExportError(f"special token {name} got id {hf.token_to_id(name)}, ours is {tokenizer.encode_special(name)}")
+    for text in PROBE_TEXTS:
+        if hf.encode(text, add_special_tokens=False).ids != tokenizer.encode(text):
+            raise ExportError(f"the split pattern reads differently in transformers' regex engine (Oniguruma; e.g. "
+                              f"a possessive interval {{1,3}}+ there means 'one or more times'): {text!r} encodes "
+                              f"differently, so the tokenizer cannot be exported as is")
     return hf
+
+
+# Text where regex engines and BPE conventions part ways: digit runs, contractions, whitespace
+# runs before words and line ends, punctuation runs, CJK, emoji, code.
+PROBE_TEXTS = ["In 1916, 12345678 people paid $3.50; 2024-06-01T12:00 is 99.9% sure.",
+               "It's, they'll, we'VE, I'M, don't; 'quoted' ''double''",
+               "  two spaces\t\ttabs   \n\n\n  indented\r\nwindows line\n \n",
+               "!!! ??? ... --- === +++ ### @@@ ((( ))) ]]] >>>",
+               "中文的句子，还有标点符号。日本語のテキスト、한국어 텍스트。",
+               "emoji 😀👍🏽 👨‍👩‍👧 flags 🇫🇷 and symbols ∑∫√ ß ﬁ",
+               "def f(x):\n    return {'a': [x**2 for x in range(10)]}  # comment\n"]
 
 
 # render_conversation's prompt as Jinja: a leading system message joins the first user message
@@ -292,7 +315,7 @@ def tokenizer_from_hf(hf_dir: str) -> RustBPETokenizer:
     if model.get("type") != "BPE":
         raise ExportError(f"{path}: model type {model.get('type')!r}, expected a byte-level 'BPE'")
     pattern = _split_pattern(spec.get("pre_tokenizer"), path)
-    from_text = {ch: b for b, ch in byte_to_unicode().items()}
+    from_text = {ch: b for b, ch in BYTE_TEXT.items()}
     try:
         tokens = {i: bytes(from_text[ch] for ch in s) for s, i in model["vocab"].items()}
     except KeyError:
@@ -301,17 +324,23 @@ def tokenizer_from_hf(hf_dir: str) -> RustBPETokenizer:
         raise ExportError(f"{path}: vocab ids are not 0..{len(tokens) - 1}")
     _check_specials(spec.get("added_tokens") or [], len(tokens), path)
     ranks = [(tokens[i], i) for i in range(len(tokens))]
-    theirs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    alphabet = byte_to_unicode()
-    ours = [("".join(alphabet[b] for b in a), "".join(alphabet[b] for b in b_)) for a, b_ in bpe_merges(ranks)]
-    if theirs != ours:
-        first = next((i for i, (x, y) in enumerate(zip(theirs, ours)) if x != y), min(len(theirs), len(ours)))
+    listed = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    implied = [(token_text(a), token_text(b)) for a, b in bpe_merges(ranks)]
+    if listed != implied:
+        first = next((i for i, (x, y) in enumerate(zip(listed, implied)) if x != y), min(len(listed), len(implied)))
         raise ExportError(f"{path}: merge {first} is not the one the vocab's ranks imply; nanochat encodes by rank "
                           f"(tiktoken) and would split some text differently")
     try:
-        return RustBPETokenizer.from_ranks(ranks, pattern)
+        ours = RustBPETokenizer.from_ranks(ranks, pattern)
     except ValueError as e:
         raise ExportError(f"{path}: the split pattern does not compile here: {e}") from None
+    from tokenizers import Tokenizer
+    theirs = Tokenizer.from_file(path)
+    for text in PROBE_TEXTS:
+        if theirs.encode(text, add_special_tokens=False).ids != ours.encode(text):
+            raise ExportError(f"{path}: encodes {text!r} differently from the same ranks and pattern here (its regex "
+                              f"engine, Oniguruma, reads the pattern differently)")
+    return ours
 
 
 def _split_pattern(pre_tokenizer, path):
@@ -392,3 +421,43 @@ def model_card(name: str, stage: str, model, source: str, command: str, metrics:
         lines.append("")
     lines += ["## Provenance", "", f"From `{source}`, made with:", "", "```", command, "```", ""]
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Verification: the export, loaded by transformers, against our model
+
+def verify_export(hf_dir: str, model, tokenizer: RustBPETokenizer, texts: list, conversation: list,
+                  max_new_tokens: int = 64) -> dict:
+    """Load hf_dir with transformers (fp32, CPU) and measure it against our model and tokenizer:
+    the largest logit difference over `texts` (each cut to the context), how many texts encode to
+    the same ids, whether the chat template renders `conversation` as render_for_completion, and
+    how many greedy tokens agree with our Engine's before the first difference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanochat.engine import Engine
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = model.float().eval()
+    diff = 0.0
+    for text in texts:
+        x = torch.tensor([tokenizer.encode(text, prepend="<|bos|>")[:model.config.sequence_len]])
+        with torch.no_grad():
+            diff = max(diff, (model(x) - hf_model(x).logits).abs().max().item())
+    ids_equal = sum(hf_tok(t, add_special_tokens=False)["input_ids"] == tokenizer.encode(t) for t in texts)
+    prompt = tokenizer.render_for_completion(conversation)
+    rendered = hf_tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+    results, masks = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_new_tokens, temperature=0.0)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False)
+    stops = set(generation_config(tokenizer)["eos_token_id"])
+    theirs = []
+    for token in out[0, len(prompt):].tolist():  # the Engine's results leave out the stop token
+        if token in stops:
+            break
+        theirs.append(token)
+    ours = results[0][:masks[0].index(0)] if 0 in masks[0] else results[0]  # up to a forced tool output
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return {"max_logit_diff": diff, "texts": len(texts), "ids_equal": ids_equal, "template_equal": rendered == prompt,
+            "greedy_ours": len(ours), "greedy_theirs": len(theirs), "greedy_agree": agree,
+            "greedy_equal": ours == theirs, "tool_call": 0 in masks[0]}

@@ -28,6 +28,8 @@ import tempfile
 import time
 from dataclasses import asdict
 
+import torch
+
 from nanochat import hf_export, report
 from nanochat.checkpoint_manager import (STAGES, CheckpointError, build_model, check_compatible, checkpoint_dir_for,
                                          list_steps, resolve_checkpoint, save_checkpoint)
@@ -45,6 +47,7 @@ from_hf = ""            # import: a NanoChat-format Hugging Face directory (inst
 stage = "chatsft"       # import: the stage to file it under (base, mid, chatsft, ...)
 model_tag = ""          # import: its model tag; default the directory's name
 force = False           # replace a non-empty --out / the model tag's checkpoints / a different tokenizer
+verify = False          # export: load the result with transformers and compare it with ours (needs transformers)
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 COMMAND = "python -m scripts.export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -55,12 +58,37 @@ def fail(message):
     raise SystemExit(f"export: {str(message).splitlines()[0]}")  # one line; details are in the message's head
 
 
-def report_metrics(meta):
-    """(name, value) rows for the card: the checkpoint's own val metric, then the report's summary."""
+REPORT_STAGE = {"base": "BASE", "mid": "MID", "chatsft": "SFT", "chatdpo": "DPO", "chatrl": "RL", "distill": "DISTILL"}
+
+
+def report_metrics(meta, stage_name):
+    """(name, value) rows for the card: the checkpoint's own val metric, then the report's summary
+    rows of its stage and the stages before it (later stages describe other models)."""
     rows = [(k, meta[k]) for k in ("val_bpb", "val_loss") if isinstance(meta.get(k), float)]
+    last = report.STAGE_ORDER.index(REPORT_STAGE.get(stage_name, "DISTILL"))
     columns, stage_rows = report.summary_rows(report.read_sections())
-    rows += [(f"{row[0]} {col}", value) for row in stage_rows for col, value in zip(columns, row[1:]) if value != "-"]
+    rows += [(f"{row[0]} {col}", value) for row in stage_rows if report.STAGE_ORDER.index(row[0]) <= last
+             for col, value in zip(columns, row[1:]) if value != "-"]
     return rows
+
+
+def verification_texts(n=8):
+    """Validation documents (never tokenizer training text), English and Chinese, plus some code."""
+    from nanochat.dataset import parquets_iter_batched
+    texts = [t for batch in parquets_iter_batched("val") for t in batch]
+    english = [t for t in texts if t.isascii()][:n]
+    chinese = [t for t in texts if sum("\u4e00" <= ch <= "\u9fff" for ch in t) > len(t) // 4][:n]
+    return english + chinese + ['def mean(xs):\n    """Average."""\n    return sum(xs) / len(xs)  # 平均\n']
+
+
+def make_readable(directory):
+    """mkdtemp makes a private directory (and safetensors a private file): give them the usual
+    permissions, as any other directory the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def data_summary(checkpoint_dir):
@@ -96,12 +124,13 @@ if not from_hf:
         fail(e)
     stage_name = os.path.basename(os.path.dirname(checkpoint_dir)).removesuffix("_checkpoints")
     source = f"{checkpoint_dir} step {step}" + (f" + LoRA adapter {adapter} (merged)" if adapter else "")
-    card = hf_export.model_card(os.path.basename(out), stage_name, model, source, COMMAND, report_metrics(meta),
+    card = hf_export.model_card(os.path.basename(out), stage_name, model, source, COMMAND, report_metrics(meta, stage_name),
                                 data_summary(checkpoint_dir))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         hf_export.save_hf_dir(tmp, model, tokenizer, dtype, card)
+        make_readable(tmp)
         if os.path.exists(out):
             shutil.rmtree(out)  # empty, or --force
         os.rename(tmp, out)
@@ -111,6 +140,24 @@ if not from_hf:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {source} ({model.num_params():,} parameters, {dtype}) to {out} in {time.time() - t0:.1f}s")
     print(f'load it: AutoModelForCausalLM.from_pretrained("{out}"), AutoTokenizer.from_pretrained("{out}")')
+    if verify:
+        conversation = [{"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": "What is the capital of France?"},
+                        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "你好！And of Japan?"}]
+        texts = verification_texts()
+        with torch.no_grad():  # compare like with like: our model with the exported weights' rounding
+            for p in model.parameters():
+                p.copy_(p.to(hf_export.DTYPES[dtype]).float())
+        v = hf_export.verify_export(out, model, tokenizer, texts, conversation)
+        print(f"verify: logits max |diff| {v['max_logit_diff']:.2e} over {v['texts']} texts (fp32, CPU"
+              f"{'; ours rounded to ' + dtype + ' as exported' if dtype != 'float32' else ''}); tokenizer ids "
+              f"equal on {v['ids_equal']}/{v['texts']}; chat template {'equal' if v['template_equal'] else 'DIFFERENT'}; "
+              f"greedy: {v['greedy_agree']} tokens agree (ours {v['greedy_ours']}, transformers {v['greedy_theirs']})"
+              + (" up to our calculator tool call" if v["tool_call"] else ""))
+        ok = (v["max_logit_diff"] < 1e-4 and v["ids_equal"] == v["texts"]
+              and v["template_equal"] and v["greedy_equal"])
+        if not ok:
+            fail("verify: the export does not match this model (numbers above)")
 else:
     # ------------------------------------------------------------------------- import
     hf_dir = os.path.abspath(from_hf)

@@ -23,7 +23,7 @@ from nanochat.checkpoint_manager import build_model, model_path, resolve_checkpo
 from nanochat.dataset import parquets_iter_batched  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, norm  # noqa: E402
-from nanochat.tokenizer import RustBPETokenizer, tokenizer_fingerprint  # noqa: E402
+from nanochat.tokenizer import SPLIT_PATTERN, RustBPETokenizer, tokenizer_fingerprint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = 'def area(r):\n    """Circle area."""\n    return 3.14159 * r ** 2  # 面积\n\nprint(area(2.5), [x*x for x in range(10)])\n'
@@ -322,3 +322,35 @@ def test_corrupt_checkpoint_cli(tmp_path, base_dir):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "corrupt" in proc.stderr and path in proc.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_pattern_that_oniguruma_reads_differently_is_refused():
+    """tiktoken's cl100k pattern has \\p{N}{1,3}+ (possessive); Oniguruma reads {1,3}+ as "one or more
+    runs of 1-3 digits", so "1916" is one piece there and two here: the export refuses."""
+    pattern = SPLIT_PATTERN.replace(r"\p{N}{1,2}", r"\p{N}{1,3}+")
+    numbers = [" ".join(str(n) for n in range(1000, 3000, 7))] * 5
+    other = RustBPETokenizer.train_from_iterator(numbers, 400, pattern=pattern)
+    with pytest.raises(hf_export.ExportError, match="Oniguruma"):
+        hf_export.hf_tokenizer(other)
+
+
+def test_import_refuses_tokenizers_it_cannot_reproduce(hf_dir, tmp_path):
+    import shutil
+    with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+
+    def tampered(edit):
+        directory = tmp_path / f"t{len(os.listdir(tmp_path))}"
+        shutil.copytree(hf_dir, directory)
+        changed = json.loads(json.dumps(spec))
+        edit(changed)
+        (directory / "tokenizer.json").write_text(json.dumps(changed), encoding="utf-8")
+        return str(directory)
+
+    assert hf_export.tokenizer_from_hf(tampered(lambda s: None)).get_vocab_size() == 1024
+    with pytest.raises(hf_export.ExportError, match="special tokens"):
+        hf_export.tokenizer_from_hf(tampered(lambda s: s["added_tokens"].pop()))
+    with pytest.raises(hf_export.ExportError, match="merge 3 is not the one"):
+        hf_export.tokenizer_from_hf(tampered(lambda s: s["model"]["merges"].insert(3, s["model"]["merges"].pop(40))))
+    with pytest.raises(hf_export.ExportError, match="not a regex Split then ByteLevel"):
+        hf_export.tokenizer_from_hf(tampered(lambda s: s.update(pre_tokenizer={"type": "Whitespace"})))
