@@ -354,3 +354,38 @@ def test_import_refuses_tokenizers_it_cannot_reproduce(hf_dir, tmp_path):
         hf_export.tokenizer_from_hf(tampered(lambda s: s["model"]["merges"].insert(3, s["model"]["merges"].pop(40))))
     with pytest.raises(hf_export.ExportError, match="not a regex Split then ByteLevel"):
         hf_export.tokenizer_from_hf(tampered(lambda s: s.update(pre_tokenizer={"type": "Whitespace"})))
+
+
+def test_lora_adapter_is_merged_first(tmp_path, base_dir, model, monkeypatch):
+    from safetensors.torch import load_file
+
+    from nanochat import lora
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    adapted, meta = build_model(*resolve_checkpoint("chatsft_checkpoints/t1"), "cpu")
+    lora.apply_lora(adapted, rank=2, alpha=4.0, targets="attn.c_q,mlp.c_fc")
+    with torch.no_grad():
+        for p in lora.lora_parameters(adapted):
+            p.normal_()
+    path = str(tmp_path / "adapter.pt")
+    lora.save_adapter(path, adapted, meta)
+    merged = lora.merged_state_dict(adapted)
+    out = tmp_path / "hf"
+    assert run_export(base_dir, "--checkpoint=chatsft_checkpoints/t1", f"--adapter={path}", f"--out={out}",
+                      monkeypatch=monkeypatch) is None
+    tensors = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tensors["model.layers.1.self_attn.q_proj.weight"], merged["transformer.h.1.attn.c_q.weight"])
+    assert not torch.equal(merged["transformer.h.1.attn.c_q.weight"], model.state_dict()["transformer.h.1.attn.c_q.weight"])
+    assert "LoRA adapter" in (out / "README.md").read_text()
+
+
+def test_import_of_another_eps_says_so(tmp_path, hf_dir, monkeypatch, capsys):
+    import shutil
+    directory = tmp_path / "hub_style"
+    shutil.copytree(hf_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(rms_norm_eps=1e-6, rope_theta=10000.0)
+    del config["rope_parameters"]  # a transformers 4.x style config
+    (directory / "config.json").write_text(json.dumps(config))
+    assert run_export(tmp_path / "b", f"--from_hf={directory}", monkeypatch=monkeypatch) is None
+    assert "rms_norm_eps=1e-06" in capsys.readouterr().out
+    assert resolve_checkpoint("chatsft_checkpoints/hub_style")[1] == 0
