@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 HF_ARCHITECTURE = "NanoChatForCausalLM"
@@ -76,7 +76,11 @@ def gpt_config_from_hf(cfg: dict, where: str) -> GPTConfig:
     if cfg.get("model_type") != HF_MODEL_TYPE:
         raise ExportError(f"{where}: model_type {cfg.get('model_type')!r} is not {HF_MODEL_TYPE!r} "
                           f"(architectures {cfg.get('architectures')}): only NanoChat directories can be imported")
-    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    needed = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+    missing = [key for key in needed if not isinstance(cfg.get(key), int) or cfg[key] <= 0]
+    if missing:
+        raise ExportError(f"{where}: {', '.join(missing)} missing or not a positive integer")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", ROPE_THETA)}
     fixed = {"hidden_act": ("relu2", cfg.get("hidden_act", "relu2")),
              "attention_bias": (False, cfg.get("attention_bias", False)),
@@ -96,7 +100,7 @@ def gpt_config_from_hf(cfg: dict, where: str) -> GPTConfig:
                          n_layer=cfg["num_hidden_layers"], n_head=heads,
                          n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
                          softcap=float(cfg["final_logit_softcapping"]))
-    except (KeyError, AssertionError) as e:
+    except (AssertionError, TypeError, ZeroDivisionError) as e:
         raise ExportError(f"{where}: not a usable NanoChat config ({type(e).__name__}: {e})") from None
 
 
@@ -127,7 +131,6 @@ def hf_state_dict(state: dict, config: GPTConfig, dtype: torch.dtype) -> dict:
 
 def state_dict_from_hf(tensors: dict, config: GPTConfig, where: str) -> dict:
     """Our fp32 state dict from transformers' tensors; every tensor must be used and fit the config."""
-    from nanochat.gpt import GPT
     names = {theirs: ours for ours, theirs in weight_names(config.n_layer).items()}
     extra, missing = sorted(set(tensors) - set(names)), sorted(set(names) - set(tensors))
     if extra or missing:
@@ -149,14 +152,18 @@ def read_safetensors(hf_dir: str) -> dict:
     from safetensors.torch import load_file
     single, index = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
-    if not os.path.isfile(index):
+        shards = [single]
+    elif os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = [os.path.join(hf_dir, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
         raise ExportError(f"{hf_dir}: no model.safetensors (nor an index of shards); only safetensors weights are read")
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
     tensors = {}
     for shard in shards:
-        tensors.update(load_file(os.path.join(hf_dir, shard)))
+        try:
+            tensors.update(load_file(shard))
+        except Exception as e:  # safetensors' own error type: truncated, corrupt, not safetensors
+            raise ExportError(f"{shard}: unreadable ({type(e).__name__}: {e})") from None
     return tensors
 
 
@@ -233,7 +240,8 @@ def hf_tokenizer(tokenizer: RustBPETokenizer):
                                                       special_tokens=[("<|bos|>", bos)])
     for name in SPECIAL_TOKENS:
         if hf.token_to_id(name) != tokenizer.encode_special(name):
-            raise ExportError(f"special token {name} got id {hf.token_to_id(name)}, ours is {tokenizer.encode_special(name)}")
+            raise ExportError(f"special token {name} got id {hf.token_to_id(name)}, "
+                              f"ours is {tokenizer.encode_special(name)}")
     for text in PROBE_TEXTS:
         if hf.encode(text, add_special_tokens=False).ids != tokenizer.encode(text):
             raise ExportError(f"the split pattern reads differently in transformers' regex engine (Oniguruma; e.g. "
@@ -407,7 +415,8 @@ def model_card(name: str, stage: str, model, source: str, command: str, metrics:
              ' return_tensors="pt", return_dict=True)',
              'out = model.generate(**ids, max_new_tokens=64, do_sample=False)',
              'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
-             "## Model", "", "| parameters | layers | width | heads | kv heads | context | vocab |", "|---|---|---|---|---|---|---|",
+             "## Model", "", "| parameters | layers | width | heads | kv heads | context | vocab |",
+             "|---|---|---|---|---|---|---|",
              f"| {model.num_params():,} | {c.n_layer} | {c.n_embd} | {c.n_head} | {c.n_kv_head} | {c.sequence_len} | "
              f"{c.vocab_size:,} |", "",
              "ReLU^2 MLP, rotary embeddings, QK-norm, parameter-free RMSNorm, untied embeddings, "
@@ -437,7 +446,7 @@ def verify_export(hf_dir: str, model, tokenizer: RustBPETokenizer, texts: list, 
     from nanochat.engine import Engine
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = model.float().eval()
+    model.eval()
     diff = 0.0
     for text in texts:
         x = torch.tensor([tokenizer.encode(text, prepend="<|bos|>")[:model.config.sequence_len]])
@@ -456,8 +465,10 @@ def verify_export(hf_dir: str, model, tokenizer: RustBPETokenizer, texts: list, 
         if token in stops:
             break
         theirs.append(token)
-    ours = results[0][:masks[0].index(0)] if 0 in masks[0] else results[0]  # up to a forced tool output
+    tool_call = 0 in masks[0]  # our Engine forced a calculator result in; transformers cannot: compare up to it
+    ours = results[0][:masks[0].index(0)] if tool_call else results[0]
+    theirs = theirs[:len(ours)] if tool_call else theirs
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     return {"max_logit_diff": diff, "texts": len(texts), "ids_equal": ids_equal, "template_equal": rendered == prompt,
             "greedy_ours": len(ours), "greedy_theirs": len(theirs), "greedy_agree": agree,
-            "greedy_equal": ours == theirs, "tool_call": 0 in masks[0]}
+            "greedy_equal": ours == theirs, "tool_call": tool_call}

@@ -51,7 +51,7 @@ verify = False          # export: load the result with transformers and compare 
 user_config = configure(globals())
 # -----------------------------------------------------------------------------
 COMMAND = "python -m scripts.export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-ERRORS = (CheckpointError, LoRAError, hf_export.ExportError, OSError, ValueError)
+ERRORS = (CheckpointError, LoRAError, hf_export.ExportError, OSError, ValueError, ImportError)  # no safetensors: Import
 
 
 def fail(message):
@@ -73,12 +73,16 @@ def report_metrics(meta, stage_name):
 
 
 def verification_texts(n=8):
-    """Validation documents (never tokenizer training text), English and Chinese, plus some code."""
+    """Validation documents (never tokenizer training text), English and Chinese, where the corpus
+    is here; then the export's probe texts (digits, whitespace, CJK, emoji, code)."""
     from nanochat.dataset import parquets_iter_batched
-    texts = [t for batch in parquets_iter_batched("val") for t in batch]
+    try:
+        texts = [t for batch in parquets_iter_batched("val") for t in batch]
+    except (OSError, ValueError):
+        texts = []
     english = [t for t in texts if t.isascii()][:n]
     chinese = [t for t in texts if sum("\u4e00" <= ch <= "\u9fff" for ch in t) > len(t) // 4][:n]
-    return english + chinese + ['def mean(xs):\n    """Average."""\n    return sum(xs) / len(xs)  # 平均\n']
+    return english + chinese + hf_export.PROBE_TEXTS
 
 
 def make_readable(directory):
@@ -124,8 +128,8 @@ if not from_hf:
         fail(e)
     stage_name = os.path.basename(os.path.dirname(checkpoint_dir)).removesuffix("_checkpoints")
     source = f"{checkpoint_dir} step {step}" + (f" + LoRA adapter {adapter} (merged)" if adapter else "")
-    card = hf_export.model_card(os.path.basename(out), stage_name, model, source, COMMAND, report_metrics(meta, stage_name),
-                                data_summary(checkpoint_dir))
+    card = hf_export.model_card(os.path.basename(out), stage_name, model, source, COMMAND,
+                                report_metrics(meta, stage_name), data_summary(checkpoint_dir))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
@@ -143,16 +147,21 @@ if not from_hf:
     if verify:
         conversation = [{"role": "system", "content": "You are a helpful assistant."},
                         {"role": "user", "content": "What is the capital of France?"},
-                        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "你好！And of Japan?"}]
+                        {"role": "assistant", "content": "Paris."},
+                        {"role": "user", "content": "你好！And of Japan?"}]
         texts = verification_texts()
         with torch.no_grad():  # compare like with like: our model with the exported weights' rounding
             for p in model.parameters():
                 p.copy_(p.to(hf_export.DTYPES[dtype]).float())
-        v = hf_export.verify_export(out, model, tokenizer, texts, conversation)
-        print(f"verify: logits max |diff| {v['max_logit_diff']:.2e} over {v['texts']} texts (fp32, CPU"
-              f"{'; ours rounded to ' + dtype + ' as exported' if dtype != 'float32' else ''}); tokenizer ids "
-              f"equal on {v['ids_equal']}/{v['texts']}; chat template {'equal' if v['template_equal'] else 'DIFFERENT'}; "
-              f"greedy: {v['greedy_agree']} tokens agree (ours {v['greedy_ours']}, transformers {v['greedy_theirs']})"
+        try:
+            v = hf_export.verify_export(out, model, tokenizer, texts, conversation)
+        except ImportError as e:
+            fail(f"--verify needs transformers (pip install 'transformers>=5'): {e}")
+        rounded = f"; ours rounded to {dtype} as exported" if dtype != "float32" else ""
+        print(f"verify: logits max |diff| {v['max_logit_diff']:.2e} over {v['texts']} texts (fp32, CPU{rounded}); "
+              f"tokenizer ids equal on {v['ids_equal']}/{v['texts']}; chat template "
+              f"{'equal' if v['template_equal'] else 'DIFFERENT'}; greedy: {v['greedy_agree']} tokens agree "
+              f"(ours {v['greedy_ours']}, transformers {v['greedy_theirs']})"
               + (" up to our calculator tool call" if v["tool_call"] else ""))
         ok = (v["max_logit_diff"] < 1e-4 and v["ids_equal"] == v["texts"]
               and v["template_equal"] and v["greedy_equal"])
@@ -180,16 +189,16 @@ else:
     tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
     fingerprint = tokenizer_fingerprint(tokenizer)
     try:
-        existing = RustBPETokenizer.from_directory(tokenizer_dir) if os.path.exists(tokenizer_dir) else None
+        same = tokenizer_fingerprint(RustBPETokenizer.from_directory(tokenizer_dir)) == fingerprint
     except ERRORS:
-        existing = None  # unreadable: replaced only with --force (below)
-    if os.path.exists(tokenizer_dir) and (existing is None or tokenizer_fingerprint(existing) != fingerprint) and not force:
+        same = False  # none yet, or unreadable (replaced only with --force, below)
+    if os.path.exists(tokenizer_dir) and not same and not force:
         fail(f"{tokenizer_dir} holds a different tokenizer, which the checkpoints trained with it need: import under "
              f"another NANOCHAT_BASE_DIR (or pass --force to replace it)")
     checkpoint_dir = checkpoint_dir_for(stage, model_tag)
     if list_steps(checkpoint_dir) and not force:
         fail(f"{checkpoint_dir} already has checkpoints (choose another --model_tag or pass --force to replace them)")
-    if existing is None or tokenizer_fingerprint(existing) != fingerprint:
+    if not same:
         tokenizer.save(tokenizer_dir, metadata={"imported_from": hf_dir})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # --force: the old model's steps would shadow step 0
     meta = {"model_config": asdict(config), "tokenizer_vocab_size": tokenizer.get_vocab_size(),
