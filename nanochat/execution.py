@@ -217,7 +217,7 @@ def _bwrap_command(packages: bool):
     # other process in the namespace before it counts as exited: nothing outlives the call. (No
     # --new-session: _run starts bwrap in a session of its own already, with no terminal.)
     cmd = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--as-pid-1", "--unshare-pid",
-           "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+           "--unshare-net", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
     if os.geteuid() == 0:
         # bwrap as root: a user namespace would map the sandbox's uid onto host root (not bound by
         # RLIMIT_NPROC, owner of root's files), so none; the runner drops to nobody with these two

@@ -14,7 +14,9 @@ import ast
 import glob
 import json
 import os
+import pathlib
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -130,6 +132,26 @@ def test_network_namespace_has_only_loopback(mechanism):
     r = run(mechanism, "print(open('/proc/net/dev').read())")
     interfaces = [line.split(":")[0].strip() for line in r.stdout.splitlines()[2:] if line.strip()]
     assert interfaces == ["lo"]
+
+
+def test_bubblewrap_started_by_an_unprivileged_caller():
+    """CI runs as root, where bwrap runs privileged; here the other mode: a caller that is not root
+    (nobody, through setpriv, with Debian's own Python, which nobody can read) gets a user namespace."""
+    bubblewrap_or_skip()
+    python = shutil.which("python3", path="/usr/bin")
+    if os.geteuid() != 0 or not privilege_drop_available() or not python:
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to start a caller as nobody")
+    package = pathlib.Path(REPO, "nanochat")
+    if not all(d.stat().st_mode & 0o005 == 0o005 for d in [package, *package.parents]):  # o+rx all the way
+        pytest.skip(f"nobody cannot read the checkout at {REPO}")
+    caller = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom nanochat.execution import execute_code, isolation\n"
+              "r = execute_code('import os\\nprint(os.getuid(), os.listdir(\"/\"))')\n"
+              "print(isolation(), r.stdout, r.error)")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-c", caller, REPO],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert p.stdout.startswith("bubblewrap 65534 "), p.stdout + p.stderr
+    listed = ast.literal_eval(p.stdout[len("bubblewrap 65534 "):p.stdout.index("]") + 1])
+    assert set(listed) <= {"sandbox", "tmp", "dev", "proc", "usr", "lib", "lib64", "lib32", "libx32"}
 
 
 def test_fallback_is_reported_once_in_one_line(monkeypatch, capsys):
