@@ -283,7 +283,9 @@ def _exited_within(proc, timeout):
         except subprocess.TimeoutExpired:
             return False
     try:
-        return bool(select.select([fd], [], [], timeout)[0])
+        poller = select.poll()  # not select.select: a busy server may hold fds above FD_SETSIZE
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
     finally:
         os.close(fd)
 
@@ -299,12 +301,21 @@ def _children(pid):
 def _stop(proc, bwrap):
     """SIGKILL the code at its timeout. Under bwrap, its pid 1 first (bwrap's child): bwrap reaps it
     and exits by itself, where killing bwrap first would leave it to the host's init to reap."""
-    if bwrap:
-        for pid in _children(proc.pid):
+    children = _children(proc.pid) if bwrap else []
+    for pid in children:
+        try:
             os.kill(pid, signal.SIGKILL)
-        if _exited_within(proc, 1.0):
-            return
-    os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    if not children or not _exited_within(proc, 1.0):
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_until_gone(pgid, wait_s=2.0):
@@ -340,7 +351,7 @@ def _run(cmd, code, timeout, cwd, env, bwrap):
     timed_out = not _exited_within(proc, timeout)
     if timed_out:
         _stop(proc, bwrap)
-    os.killpg(proc.pid, signal.SIGKILL)  # leftovers the code started in its group (not reaped: still ours)
+    _kill_group(proc.pid)  # leftovers the code started in its group (our child is not reaped: still ours)
     returncode = proc.wait()
     _wait_until_gone(proc.pid)
     return returncode, timed_out, out, err

@@ -248,22 +248,26 @@ def _(attempt):
     assert os.path.basename(attempt.home_secret_file) not in r.stdout
 
 
+def caller_proc_files(attempt, name):
+    """From a caller whose environment and command line hold secrets: the code prints the caller's
+    /proc/<pid>/<name> and every other one it can see. -> (what it printed, (env secret, argv secret))"""
+    code = (f"import glob\nfor p in ['/proc/CALLER_PID/{name}', *glob.glob('/proc/[0-9]*/{name}')]:\n"
+            "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)\n")
+    status, r, planted = attempt.run_from_caller(code)
+    assert status == 0 and r.success, r
+    return r.stdout, planted
+
+
 @escape("read the caller's environment", AS_CALLER)
 def _(attempt):
-    code = ("import glob\nfor p in ['/proc/CALLER_PID/environ', *glob.glob('/proc/[0-9]*/environ')]:\n"
-            "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)\n")
-    status, r, (env_secret, argv_secret) = attempt.run_from_caller(code)
-    assert status == 0 and r.success, r
-    assert env_secret not in r.stdout
+    seen, (env_secret, _) = caller_proc_files(attempt, "environ")
+    assert env_secret not in seen
 
 
 @escape("read the caller's command line", WORLD_READABLE_PROC)
 def _(attempt):
-    code = ("import glob\nfor p in ['/proc/CALLER_PID/cmdline', *glob.glob('/proc/[0-9]*/cmdline')]:\n"
-            "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)\n")
-    status, r, (env_secret, argv_secret) = attempt.run_from_caller(code)
-    assert status == 0 and r.success, r
-    assert argv_secret not in r.stdout
+    seen, (_, argv_secret) = caller_proc_files(attempt, "cmdline")
+    assert argv_secret not in seen
 
 
 @escape("write outside the working dir", AS_CALLER)
