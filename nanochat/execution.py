@@ -81,24 +81,28 @@ import _io, posix, shutil, subprocess
 builtins.open = io.open = _io.open = guarded_open
 os.open = posix.open = guarded_os_open
 
-for mod in (os, posix):
-    for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
-                 "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot", "chmod", "fchmod",
-                 "lchmod", "chown", "fchown", "lchown", "setuid", "setgid", "seteuid", "setegid", "setsid",
-                 "setpgid", "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
-                 "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen", "link", "symlink", "mkfifo",
-                 "mknod", "plock", "sched_setaffinity", "setpriority", "nice"):
+def _disabled(name):  # a call says what stopped it, where None would say "'NoneType' object is not callable"
+    def disabled(*args, **kwargs):
+        raise PermissionError(f"{name} is disabled in the sandbox")
+    return disabled
+_OS_NAMES = ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
+             "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot", "chmod", "fchmod",
+             "lchmod", "chown", "fchown", "lchown", "setuid", "setgid", "seteuid", "setegid", "setsid",
+             "setpgid", "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
+             "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
+             "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen", "link", "symlink", "mkfifo",
+             "mknod", "plock", "sched_setaffinity", "setpriority", "nice")
+for mod, names in ((os, _OS_NAMES), (posix, _OS_NAMES), (shutil, ("rmtree", "move", "chown", "copytree")),
+                   (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput",
+                                 "getstatusoutput"))):
+    for name in names:
         if hasattr(mod, name):
-            setattr(mod, name, None)
-for name in ("rmtree", "move", "chown", "copytree"):
-    setattr(shutil, name, None)
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = None
-subprocess.getoutput = subprocess.getstatusoutput = None
+            setattr(mod, name, _disabled(f"{mod.__name__}.{name}"))
 for name in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "pty", "resource", "psutil", "signal",
              "_signal", "tkinter", "joblib", "ipdb"):
     sys.modules[name] = None
-builtins.exit = builtins.quit = builtins.help = None
+for name in ("exit", "quit", "help"):
+    setattr(builtins, name, _disabled(name))
 
 namespace = {"__name__": "__main__", "__builtins__": builtins}
 try:

@@ -120,6 +120,7 @@ def test_python_guards_remain_as_a_second_layer(mechanism):
             "    try:\n        f()\n        print('ran')\n    except Exception as e:\n        print('blocked')\n")
     r = run(mechanism, code)
     assert r.success and r.stdout.split() == ["blocked"] * 3
+    assert run(mechanism, "import os\nos.kill(1, 9)").error == "PermissionError: os.kill is disabled in the sandbox"
     r = run(mechanism, "import socket\nsocket.create_connection(('127.0.0.1', 9))")
     assert BLOCKED in r.error  # not "connection refused": it never reached the kernel
     r = run(mechanism, "open('/tmp/nanochat_guard_test', 'w')")
