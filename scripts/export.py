@@ -31,8 +31,8 @@ from dataclasses import asdict
 import torch
 
 from nanochat import hf_export, report
-from nanochat.checkpoint_manager import (STAGES, CheckpointError, build_model, check_compatible, checkpoint_dir_for,
-                                         list_steps, resolve_checkpoint, save_checkpoint)
+from nanochat.checkpoint_manager import (STAGES, CheckpointError, build_model, check_compatible, list_steps,
+                                         resolve_checkpoint, save_checkpoint, stage_dir)
 from nanochat.common import get_base_dir
 from nanochat.configurator import configure
 from nanochat.lora import LoRAError, load_merged
@@ -122,8 +122,7 @@ if not from_hf:
             model, meta = build_model(checkpoint_dir, step, "cpu")
         hf_export.check_exportable(model.config)
         tokenizer = get_tokenizer()
-        check_compatible(meta, {"vocab_size": tokenizer.get_vocab_size()},
-                         tokenizer_fingerprint(tokenizer) if meta.get("tokenizer_hash") else None)
+        check_compatible(meta, tokenizer)
     except ERRORS as e:
         fail(e)
     stage_name = os.path.basename(os.path.dirname(checkpoint_dir)).removesuffix("_checkpoints")
@@ -195,7 +194,7 @@ else:
     if os.path.exists(tokenizer_dir) and not same and not force:
         fail(f"{tokenizer_dir} holds a different tokenizer, which the checkpoints trained with it need: import under "
              f"another NANOCHAT_BASE_DIR (or pass --force to replace it)")
-    checkpoint_dir = checkpoint_dir_for(stage, model_tag)
+    checkpoint_dir = os.path.join(stage_dir(stage), model_tag)
     if list_steps(checkpoint_dir) and not force:
         fail(f"{checkpoint_dir} already has checkpoints (choose another --model_tag or pass --force to replace them)")
     if not same:
