@@ -30,10 +30,12 @@ device_type = ""       # cuda | mps | cpu; empty: autodetect
 task_name = "all"      # -a: comma-separated task names, or all
 max_problems = 0       # per task (a fixed random spread of its test split); 0: all
 batch_size = 8         # categorical prompts per forward
+max_batch_size = 32    # generative: problems decoded together (1: one at a time)
 max_new_tokens = 256   # generative reply length
 temperature = 0.0      # 0: greedy
 top_k = 0              # 0: off
 stage = ""             # report stage (BASE|MID|SFT|DPO|RL|DISTILL); empty: from the checkpoint dir
+answers_file = ""      # write every problem's answer here (JSONL: task, index, answer, correct); rank r > 0 adds .rank<r>
 # ----------------------------------------------------------------------------- (options end)
 
 _STAGE_NAMES = {"base": "BASE", "mid": "MID", "chatsft": "SFT", "chatdpo": "DPO", "chatrl": "RL", "distill": "DISTILL"}
@@ -107,24 +109,26 @@ def categorical_answers(model, tokenizer, conversations, device, batch_size=8, m
 
 
 def evaluate_task(task, indices, model, tokenizer, device, engine=None, batch_size=8, max_new_tokens=256,
-                  temperature=0.0, top_k=None, max_len=None, progress=None):
-    """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share)."""
+                  temperature=0.0, top_k=None, max_len=None, progress=None, answers=None):
+    """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share).
+    answers, a list, gets (index, answer, correct) per problem."""
     correct, inv_choices = 0, 0.0
-    if task.eval_type == "categorical":
-        for b in range(0, len(indices), batch_size * 4):
-            convs = [task.get(i) for i in indices[b:b + batch_size * 4]]
-            for conv, answer in zip(convs, categorical_answers(model, tokenizer, convs, device, batch_size, max_len)):
-                correct += answer == conv["answer"]
-                inv_choices += 1.0 / len(conv["letters"])
-            if progress:
-                progress(min(b + batch_size * 4, len(indices)), len(indices))
-    else:
-        for k, i in enumerate(indices):
-            conv = task.get(i)
-            completion = engine.complete(conv, max_new_tokens, temperature, top_k)
-            correct += bool(task.evaluate(conv, completion))
-            if progress:
-                progress(k + 1, len(indices))
+    # generative: many problems decoded together, a few batches' worth at a time for the progress line
+    chunk = batch_size * 4 if task.eval_type == "categorical" else 2 * engine.max_batch_size
+    for b in range(0, len(indices), chunk):
+        convs = [task.get(i) for i in indices[b:b + chunk]]
+        if task.eval_type == "categorical":
+            replies = categorical_answers(model, tokenizer, convs, device, batch_size, max_len)
+            right = [reply == conv["answer"] for conv, reply in zip(convs, replies)]
+            inv_choices += sum(1.0 / len(conv["letters"]) for conv in convs)
+        else:  # each problem's seed is fixed by its place, whatever the batch size (42 + position)
+            replies = engine.complete_many(convs, max_new_tokens, temperature, top_k, seed=42 + b)
+            right = [bool(task.evaluate(conv, reply)) for conv, reply in zip(convs, replies)]
+        correct += sum(right)
+        if answers is not None:
+            answers.extend(zip(indices[b:b + chunk], replies, right))
+        if progress:
+            progress(min(b + chunk, len(indices)), len(indices))
     return correct, len(indices), inv_choices
 
 
@@ -145,11 +149,12 @@ def stage_of(checkpoint_dir):
 
 
 def main(user_config):
+    import json
     import time
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.core_eval import select_examples
-    from nanochat.common import autocast_for, compute_cleanup, compute_init, print0
+    from nanochat.common import atomic_open, autocast_for, compute_cleanup, compute_init, print0
     from nanochat.engine import Engine
     from nanochat.tokenizer import get_tokenizer
     from nanochat.training import format_hms
@@ -158,7 +163,7 @@ def main(user_config):
     autocast = autocast_for(device)
     tokenizer = get_tokenizer()
     model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chatsft")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
     names = list(_TASK_NAMES) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
     unknown = [n for n in names if n not in _TASK_NAMES]
     if unknown:
@@ -166,7 +171,7 @@ def main(user_config):
     print0(f"checkpoint: {checkpoint_dir} step {step}; tasks: {', '.join(names)}; "
            f"{max_problems or 'all'} problems each; temperature {temperature}")
 
-    rows = []
+    rows, answer_rows = [], []
     t_start = time.time()
     for name in names:
         task, baseline = make_task(name)
@@ -176,10 +181,12 @@ def main(user_config):
         def progress(done, total, name=name):
             print0(f"\r  {name:14s} {done:5d}/{total:<5d} elapsed {format_hms(time.time() - t0)}", end="", flush=True)
 
+        answers = []
         with autocast:
             correct, n, inv = evaluate_task(task, indices, model, tokenizer, device, engine, batch_size,
                                             max_new_tokens, temperature, top_k or None,
-                                            model.config.sequence_len, progress)
+                                            model.config.sequence_len, progress, answers)
+        answer_rows += [{"task": name, "index": i, "answer": a, "correct": c} for i, a, c in answers]
         counts = torch.tensor([correct, n, inv], dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)
@@ -193,6 +200,11 @@ def main(user_config):
         print0(f"\r  {name:14s} {correct}/{n} = {accuracy:.4f} [{low:.3f}, {high:.3f}] in {format_hms(time.time() - t0)}")
     chatcore = sum(r["centered"] for r in rows) / len(rows)
     table = results_table(rows, chatcore)
+    if answers_file:
+        path = answers_file + (f".rank{rank}" if rank else "")
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answer_rows)
+        print0(f"answers: {path}")
     print0(table)
     print0(f"ChatCORE {chatcore:.4f} over {len(rows)} tasks; eval time {format_hms(time.time() - t_start)}")
 
