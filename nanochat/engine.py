@@ -52,10 +52,10 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     likely tokens whose probability reaches top_p (None or 1: all; always at least one)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits, ids = logits / temperature, None
     if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k largest only: the same distribution, with k random draws instead of vocab_size
+        logits, ids = torch.topk(logits, top_k, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
@@ -69,7 +69,8 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     # than torch.multinomial on CPU, and reproducible with the generator
     noise = torch.empty_like(probs).exponential_(1.0, generator=rng)
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 draw would give 0/0 = nan for masked tokens
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if ids is None else ids.gather(-1, choice[:, None])[:, 0]
 
 
 # ----------------------------------------------------------------------------- sequences

@@ -128,6 +128,18 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1, 2}
 
 
+def test_top_k_samples_the_renormalised_distribution_per_row():
+    # top-k draws among the k largest only: their probabilities renormalised, mapped back to vocab ids
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.3, 0.05, 0.15, 0.5]])
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(probs.log(), rng, top_k=2) for _ in range(4000)])  # (4000, 2)
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0, 3}
+    assert abs((draws[:, 0] == 1).float().mean().item() - 0.625) < 0.03  # 0.5 / (0.5 + 0.3)
+    assert abs((draws[:, 1] == 3).float().mean().item() - 0.625) < 0.03
+    cold = torch.stack([sample_next_token(probs.log(), rng, temperature=0.5, top_k=2) for _ in range(4000)])
+    assert abs((cold[:, 0] == 1).float().mean().item() - 0.25 / 0.34) < 0.03  # p^2 renormalised: 0.5^2 / (0.5^2 + 0.3^2)
+
+
 def test_repetition_penalty_hand_made():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[True, True, False, False]])
