@@ -145,6 +145,7 @@ class _Prefill:
 
     def __init__(self, seqs, cache):
         self.seqs, self.cache, self.done = seqs, cache, 0
+        self.row = 0  # the prompt's row in cache (prompts prefilled together share one cache)
 
     @property
     def prompt(self):
@@ -207,9 +208,42 @@ class Engine:
                 for s in job.seqs:
                     s._finish("cancelled")
                 continue
-            budget -= self._prefill_chunk(job, budget)
+            group = self._fresh_group(budget)
+            budget -= self._prefill_group(group) if len(group) > 1 else self._prefill_chunk(job, budget)
         if self.rows:
             self._decode()
+
+    def _fresh_group(self, budget):
+        """Waiting prompts, from the front, not started and short enough to be prefilled together
+        in one forward (padded to the longest: that many tokens count against the budget each),
+        with room in the batch for all their samples."""
+        group, room = [], self.max_batch_size - len(self.rows)
+        with self.lock:
+            for job in self.waiting:
+                longest = max([len(job.prompt)] + [len(j.prompt) for j in group])
+                if job.cache is not None or len(job.seqs) > room or longest * (len(group) + 1) > budget:
+                    break
+                group.append(job)
+                room -= len(job.seqs)
+        return group
+
+    def _prefill_group(self, group):
+        """Several whole prompts in one forward (right-padded: causal attention keeps the padding
+        out of every real position), then each prompt's samples join as after _prefill_chunk."""
+        device = self.model.get_device()
+        lengths = [len(job.prompt) for job in group]
+        ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for b, job in enumerate(group):
+            ids[b, :lengths[b]] = torch.tensor(job.prompt)
+        layers, heads, head_dim = self.cache_dims
+        cache = KVCache(len(group), heads, max(lengths), head_dim, layers)
+        logits = self.model(ids.to(device), kv_cache=cache, logits_at=torch.tensor(lengths, device=device) - 1)
+        with self.lock:
+            self.waiting = deque(job for job in self.waiting if all(job is not g for g in group))
+        for b, job in enumerate(group):
+            job.cache, job.done, job.row = cache, lengths[b], b
+            self._admit(job, logits[b:b + 1, -1, :])
+        return len(group) * max(lengths)
 
     def _prefill_chunk(self, job, budget):
         """Run the next chunk of a waiting prompt; when the prompt is complete, its samples join."""
@@ -218,7 +252,8 @@ class Engine:
             layers, heads, head_dim = self.cache_dims
             job.cache = KVCache(1, heads, len(job.prompt), head_dim, layers)
         chunk = job.prompt[job.done:job.done + budget]
-        logits = self.model(torch.tensor([chunk], dtype=torch.long, device=device), kv_cache=job.cache)
+        last = torch.tensor([len(chunk) - 1], device=device)  # only the last position's logits are ever used
+        logits = self.model(torch.tensor([chunk], dtype=torch.long, device=device), kv_cache=job.cache, logits_at=last)
         job.done += len(chunk)
         if job.done == len(job.prompt):
             with self.lock:
@@ -241,7 +276,7 @@ class Engine:
             if seq.cancelled or seq.max_tokens == 0 or len(seq.prompt) >= self.context:
                 seq._finish("cancelled" if seq.cancelled else "length")
                 continue
-            self.row_cache.load(len(self.rows), job.cache)
+            self.row_cache.load(len(self.rows), job.cache, len(job.prompt), job.row)
             self.rows.append(seq)
             seq._emit("start", None)
             self._choose([seq], logits)

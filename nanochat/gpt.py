@@ -457,8 +457,10 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # the lr schedule multiplies this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None,
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
+        """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None
+        (logits_at, a (B,) LongTensor of positions: only those, (B, 1, vocab), which saves the
+        vocab projection of every other position: prefill and multiple-choice scoring),
         else the cross-entropy loss (targets == -1 are ignored): a scalar for "mean" / "sum",
         per-token (B, T) for "none" (0 at ignored positions).
         MoE: in training mode the "mean" / "sum" loss also holds moe_aux_loss_coef times the
@@ -493,6 +495,9 @@ class GPT(nn.Module):
             loss = ChunkedSoftcapCrossEntropy.apply((x / softcap).view(B * T, -1), self.lm_head.weight,
                                                     targets.reshape(-1), softcap, loss_reduction, needs_grad)
             return loss.view(B, T) if loss_reduction == "none" else loss + aux
+        if logits_at is not None:
+            assert targets is None, "logits_at is for inference: no targets"
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None]
         logits = self.lm_head(x / softcap).float()  # fp32 for the tanh and the loss
         logits = softcap * logits.tanh_()  # in place: one vocab-sized allocation fewer
         if targets is None:

@@ -93,11 +93,11 @@ class RowKVCache:
             kv[:, :, :, :, :self.kv.size(4)] = self.kv
         self.kv = kv
 
-    def load(self, row, cache, length=None):
-        """Row `row` := the first row of a prefilled KVCache (its first `length` tokens)."""
+    def load(self, row, cache, length=None, src=0):
+        """Row `row` := row `src` of a prefilled KVCache (its first `length` tokens)."""
         length = cache.pos if length is None else length
         self._reserve(length + 1, cache.kv.dtype)
-        self.kv[:, :, row, :, :length] = cache.kv[:, :, 0, :, :length]
+        self.kv[:, :, row, :, :length] = cache.kv[:, :, src, :, :length]
         self.pos[row] = length
 
     def move(self, src, dst):

@@ -62,13 +62,13 @@ class LetterModel(torch.nn.Module):
         self.good, self.bad = tokenizer.encode(good)[0], tokenizer.encode(bad)[0]
         self.other = tokenizer.encode("z")[0]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         logits = torch.zeros(*idx.shape, self.vocab)
         at_start = idx == self.start
         logits[..., self.bad] = torch.where(at_start, 0.0, 5.0)
         logits[..., self.good] = torch.where(at_start, 5.0, 0.0)
         logits[..., self.other] = 10.0  # the best token overall, but not a letter
-        return logits
+        return logits if logits_at is None else logits[torch.arange(len(idx)), logits_at][:, None]
 
 
 def mc_conversation(question, answer, letters=("A", "B", "C", "D")):

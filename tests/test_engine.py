@@ -170,7 +170,7 @@ class ScriptedModel:
     def get_device(self):
         return torch.device("cpu")
 
-    def __call__(self, ids, kv_cache):
+    def __call__(self, ids, kv_cache, logits_at=None):  # the logits are set at the last position either way
         B, T = ids.shape
         ends = [kv_cache.end(T)] * B if isinstance(kv_cache, KVCache) else (kv_cache.pos[:B] + T).tolist()
         kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
@@ -283,9 +283,12 @@ def test_an_unclosed_tool_call_never_shows_special_tokens(tok):
 
 
 # ----------------------------------------------------------------------------- continuous batching
-def test_greedy_output_is_the_same_alone_and_among_31_others(model):
+@pytest.mark.parametrize("max_step_tokens", [40, 1024])
+def test_greedy_output_is_the_same_alone_and_among_31_others(model, max_step_tokens):
     """Sequences of different lengths decoded together, joining and leaving at different steps:
-    each one's greedy tokens equal its tokens when it runs alone (fp32, CPU)."""
+    each one's greedy tokens equal its tokens when it runs alone (fp32, CPU). With 40 tokens per
+    step the prefills spread over steps (a few short prompts per forward); with 1024 all 32
+    prompts are prefilled together in the first forward, right-padded."""
     prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + (5 * i) % 23)] for i in range(32)]
     lengths = [8 + (11 * i) % 25 for i in range(32)]
     alone = []
@@ -294,9 +297,17 @@ def test_greedy_output_is_the_same_alone_and_among_31_others(model):
         Engine(model, ByteTokenizer(), max_batch_size=1).run([seq])
         alone.append(seq.tokens)
     together = [Sequence(p, n, temperature=0.0) for p, n in zip(prompts, lengths)]
-    engine = Engine(model, ByteTokenizer(), max_batch_size=32, max_step_tokens=40)  # prefills spread over steps
-    engine.run(together)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=32, max_step_tokens=max_step_tokens)
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    try:
+        engine.run(together)
+    finally:
+        hook.remove()
     assert [s.tokens for s in together] == alone
+    if max_step_tokens == 1024:
+        assert calls[0] == (32, max(len(p) for p in prompts))  # one forward prefilled them all
+        assert len(calls) == 1 + max(lengths) - 1  # then one decode forward per step
     assert all(len(s.tokens) == n and s.finish_reason == "length" for s, n in zip(together, lengths))
     assert not engine.rows and not engine.waiting
 
@@ -333,3 +344,4 @@ def test_stop_strings_cancel_and_prefill_chunks(tok):
     gone.cancel()
     engine.step()
     assert gone.finish_reason == "cancelled" and not engine.rows
+
