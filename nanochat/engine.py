@@ -1,142 +1,39 @@
-"""Batched generation with a KV cache, sampling and tool use (the calculator).
-
-    engine = Engine(model, tokenizer)
-    for token_column, token_masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64):
-        ...  # one token per sample per step
-    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
-
-The prompt is prefilled once with batch 1; its cache is copied to num_samples rows and
-every step decodes one token for all rows. Streaming: with num_samples=1, `generate` (or
-`stream`: (token, mask) pairs; `stream_text`: text pieces) yields each token as soon as it
-is chosen, so a CLI or web server prints as it goes.
-
-Conventions of `generate` (the contract other modules rely on):
-- each step yields (token_column, token_masks): one id and one mask per sample; mask 1 =
-  sampled by the model, 0 = forced by the engine (tool output).
-- a sample stops at <|assistant_end|> or <|bos|>: that stop token IS yielded (mask 1), once.
-  In later columns a finished sample's entry is FINISHED (-1) with mask 0; internally the row
-  keeps being fed its stop token (the batch stays rectangular) and its logits are ignored.
-- the generator returns when every sample has finished or after max_tokens steps (forced
-  tokens count as steps). max_tokens=None: up to the model's sequence_len in total.
-- the same seed, prompt and settings give the same tokens (a torch.Generator per call).
-
-Tool use, per sample: after <|python_start|> the tokens up to <|python_end|> are decoded and
-passed to `calculator`; if it returns a result, <|output_start|> result <|output_end|> is
-forced into that sample's stream (mask 0) before the model samples again. A refused
-expression forces nothing: the model carries on as it likes.
 """
-import ast
-import math
-import operator
+Generation with continuous batching: one model, every active sequence decoded in the same forward.
+
+    engine = Engine(model, tokenizer, max_batch_size=32, max_step_tokens=512)
+    seqs = [Sequence(prompt_ids, max_tokens=64, temperature=0.0) for prompt_ids in prompts]
+    engine.run(seqs)                          # step until they are done: seq.tokens, seq.text, ...
+    engine.submit([seq]); engine.step()       # a server: submit from anywhere, one thread steps
+
+Each step (Engine.step):
+1. prefill: waiting prompts are run through the model in chunks, at most max_step_tokens tokens
+   per step minus one per decoding row, so a long prompt never stalls the others for long;
+2. a prompt whose prefill is complete joins the batch (its samples each take a row of the
+   RowKVCache, the prompt's keys and values copied in) with its first token sampled;
+3. decode: one token for every row in one forward; a row that finishes (stop token, stop string,
+   max_tokens, the context, cancelled) leaves at once and the last row moves into its slot.
+Per sequence: temperature, top-k, top-p, repetition penalty, seed (its own generator), stop
+strings (on the decoded text), max_tokens, logprobs (the chosen token's and the top ones, from the
+model's own distribution), and the tools (nanochat.tools): after <|python_start|> code
+<|python_end|> the result is forced in as <|output_start|> result <|output_end|> (mask 0).
+A sequence's tokens do not depend on the others in the batch: greedy output is the same alone or
+among 31 others (tested, fp32 on CPU).
+
+Older single-prompt helpers run on the same machinery: generate (token columns of n samples),
+stream (one sample, token by token), generate_batch, complete (a conversation's reply text).
+"""
+import threading
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import KVCache
+from nanochat.kv_cache import KVCache, RowKVCache
+from nanochat.reply import ReplyDecoder, first_stop, held_back
+from nanochat.tools import calculator
 
-FINISHED = -1  # a finished sample's entry in later token columns
-
-# ----------------------------------------------------------------------------- calculator
-MAX_EXPR_CHARS = 1000
-MAX_INT_BITS = 4096  # about 1233 decimal digits: bounds every intermediate integer
-MAX_STR_CHARS = 10_000
-STRING_METHODS = {"count", "upper", "lower", "strip", "replace", "split", "find"}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARYOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-class _Refused(Exception):
-    pass
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _checked(x):
-    """Refuse values that are too big or not plain results (inf/nan, complex, huge strings)."""
-    if isinstance(x, bool):
-        return x
-    if isinstance(x, int):
-        if x.bit_length() > MAX_INT_BITS:
-            raise _Refused("integer too large")
-    elif isinstance(x, float):
-        if not math.isfinite(x):
-            raise _Refused("not finite")
-    elif isinstance(x, str):
-        if len(x) > MAX_STR_CHARS:
-            raise _Refused("string too long")
-    elif isinstance(x, list):
-        if sum(len(s) for s in x) > MAX_STR_CHARS or not all(isinstance(s, str) for s in x):
-            raise _Refused("list too long")
-    else:
-        raise _Refused(f"{type(x).__name__} result")
-    return x
-
-
-def _eval(node):
-    """Evaluate a whitelisted AST node. Anything not handled here is refused."""
-    if isinstance(node, ast.Constant):
-        if _is_number(node.value) or isinstance(node.value, str):
-            return _checked(node.value)
-        raise _Refused("constant")
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARYOPS:
-        x = _eval(node.operand)
-        if not _is_number(x):
-            raise _Refused("unary op on a non-number")
-        return _checked(_UNARYOPS[type(node.op)](x))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Add) and isinstance(a, str) and isinstance(b, str):
-            return _checked(a + b)
-        if not (_is_number(a) and _is_number(b)):
-            raise _Refused("arithmetic on a non-number")  # also rules out "%" formatting and str * int
-        if isinstance(node.op, ast.Pow):
-            # decide before computing: 9**9**9 would take forever
-            if abs(b) > MAX_INT_BITS:
-                raise _Refused("exponent too large")
-            if isinstance(a, int) and isinstance(b, int) and b > 0 and a.bit_length() * b > MAX_INT_BITS:
-                raise _Refused("power too large")
-        return _checked(_BINOPS[type(node.op)](a, b))
-    if isinstance(node, ast.Call) and not node.keywords:
-        args = [_eval(a) for a in node.args]
-        if isinstance(node.func, ast.Name) and node.func.id == "len" and len(args) == 1:
-            if not isinstance(args[0], (str, list)):
-                raise _Refused("len of a non-string")
-            return len(args[0])
-        if isinstance(node.func, ast.Attribute) and node.func.attr in STRING_METHODS:
-            obj = _eval(node.func.value)
-            if not isinstance(obj, str) or not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in args):
-                raise _Refused("string method on a non-string")
-            return _checked(getattr(obj, node.func.attr)(*args))
-    raise _Refused(type(node).__name__)
-
-
-def _format(x):
-    if isinstance(x, float):
-        # integral floats print as integers (84/2 -> "42"); others with 12 significant digits
-        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.12g}"
-    return x if isinstance(x, str) else str(x)
-
-
-def calculator(expr: str) -> str | None:
-    """Evaluate a tool call: arithmetic (+ - * / // % **, unary +/-, parentheses on int/float
-    literals), string literals joined with +, the methods .count .upper .lower .strip .replace
-    .split .find on strings and len(string). Nothing else: no names, other attributes or calls,
-    subscripts, comprehensions, lambdas. Every intermediate value is bounded (ints up to
-    MAX_INT_BITS bits, exponents checked before computing, finite floats, strings up to
-    MAX_STR_CHARS). Returns the result as text (strings unquoted, integral floats as ints), or
-    None if the expression is refused or fails (syntax error, division by zero, ...)."""
-    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
-        return None
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-        return _format(_eval(tree.body))
-    except (_Refused, SyntaxError, ValueError, TypeError, ArithmeticError, MemoryError, RecursionError):
-        return None
-
+FINISHED = -1  # a finished sample's entry in later token columns of `generate`
 
 # ----------------------------------------------------------------------------- sampling
 def apply_repetition_penalty(logits, seen, penalty):
@@ -155,10 +52,10 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     likely tokens whose probability reaches top_p (None or 1: all; always at least one)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits, ids = logits / temperature, None
     if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k largest only: the same distribution, with k random draws instead of vocab_size
+        logits, ids = torch.topk(logits, top_k, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
@@ -172,127 +69,344 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     # than torch.multinomial on CPU, and reproducible with the generator
     noise = torch.empty_like(probs).exponential_(1.0, generator=rng)
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 draw would give 0/0 = nan for masked tokens
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if ids is None else ids.gather(-1, choice[:, None])[:, 0]
 
 
-# ----------------------------------------------------------------------------- engine
-class _Row:
-    """Per-sample state: finished?, inside a python block?, tokens to force next."""
+# ----------------------------------------------------------------------------- sequences
+class Sequence:
+    """One generation: a prompt and its settings in; tokens, text and logprobs out.
 
-    def __init__(self):
-        self.done = False
-        self.python = None  # list of expression tokens while inside <|python_start|> ... <|python_end|>
-        self.forced = deque()
-        self.last = None  # the last token fed (a finished row keeps being fed it)
+    tokens/masks: every generated token (the stop token included), mask 1 if sampled by the model,
+    0 if forced by a tool; text: the reply as a user reads it (nanochat.reply), stop strings cut
+    off; token_logprobs: per token but the stop token, (token, logprob, [(token, logprob), ...] the
+    top `logprobs` ones) when logprobs is not None;
+    finish_reason: "stop" (stop token or string), "length" (max_tokens or the context), "cancelled".
+    on_event(kind, payload), if given, is called from the stepping thread: ("start", None) when it
+    joins the batch, ("text", piece) as the text grows, ("done", finish_reason) once."""
+
+    def __init__(self, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 seed=42, stop=(), logprobs=None, show_thinking=True, on_event=None):
+        assert isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt), \
+            "Sequence: the prompt must be a non-empty list of ints"
+        assert temperature >= 0.0 and repetition_penalty > 0.0 and max_tokens >= 0
+        self.prompt, self.max_tokens, self.temperature = list(prompt), max_tokens, temperature
+        self.top_k = top_k if top_k and top_k > 0 else None
+        self.top_p = top_p if top_p is not None and top_p < 1.0 else None
+        self.repetition_penalty, self.seed, self.stop = repetition_penalty, seed, list(stop)
+        self.logprobs, self.show_thinking, self.on_event = logprobs, show_thinking, on_event
+        self.tokens, self.masks, self.token_logprobs = [], [], []
+        self.text, self.finish_reason, self.cancelled = "", None, False
+        self._sent = 0               # characters of text already sent as events
+        self._forced = deque()       # tool output to feed before sampling again
+        self._code = None            # tokens of an open tool call
+        self._rng = self._seen = self._decoder = None
+
+    @property
+    def done(self):
+        return self.finish_reason is not None
+
+    def cancel(self):
+        """Stop at the next step (from any thread)."""
+        self.cancelled = True
+
+    def _emit(self, kind, payload):
+        if self.on_event is not None:
+            self.on_event(kind, payload)
+
+    def _text_grew(self, piece):
+        """New reply text: cut at a stop string, send what cannot be the start of one."""
+        self.text += piece
+        cut = first_stop(self.text, self.stop, max(0, self._sent - max((len(s) for s in self.stop), default=0)))
+        if cut is not None:
+            self.text = self.text[:cut]
+        safe = len(self.text) if cut is not None else len(self.text) - held_back(self.text, self.stop)
+        if safe > self._sent:
+            self._emit("text", self.text[self._sent:safe])
+            self._sent = safe
+        return cut is not None
+
+    def _finish(self, reason):
+        if self.done:
+            return
+        if reason != "cancelled":
+            if self._text_grew(self._decoder.finish()):  # what was held back: a cut character, an open call
+                reason = "stop"
+            if self._sent < len(self.text):  # the tail that could have begun a stop string
+                self._emit("text", self.text[self._sent:])
+                self._sent = len(self.text)
+        self.finish_reason = reason
+        self._emit("done", reason)
+
+
+# ----------------------------------------------------------------------------- the engine
+class _Prefill:
+    """A prompt being prefilled, for the sequences (samples) that share it."""
+
+    def __init__(self, seqs, cache):
+        self.seqs, self.cache, self.done = seqs, cache, 0
+        self.row = 0  # the prompt's row in cache (prompts prefilled together share one cache)
+
+    @property
+    def prompt(self):
+        return self.seqs[0].prompt
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, model, tokenizer, max_batch_size=32, max_step_tokens=512):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_step_tokens = max_batch_size, max_step_tokens
         sp = tokenizer.encode_special
         self.stop_ids = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.context = model.cos.size(1) if hasattr(model, "cos") else model.config.sequence_len  # rotary table
+        c = model.config
+        self.cache_dims = (c.n_layer, c.n_kv_head, c.n_embd // c.n_head)
+        self.rows = []           # decoding sequences; row i of the cache is rows[i]
+        self.waiting = deque()   # _Prefill jobs not yet in the batch
+        self.lock = threading.Lock()
+        self.row_cache = None
 
-    def _new_cache(self, batch_size, seq_len):
-        c = self.model.config
-        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+    # --------------------------------------------------------------- scheduling
+    def submit(self, seqs):
+        """Queue sequences that share one prompt (samples of it): prefilled once, decoded apart."""
+        assert seqs and all(s.prompt == seqs[0].prompt for s in seqs), "submit: one prompt per call"
+        if len(seqs) > self.max_batch_size:
+            raise ValueError(f"{len(seqs)} samples of one prompt; this engine decodes at most {self.max_batch_size}")
+        with self.lock:
+            self.waiting.append(_Prefill(seqs, None))
 
-    def _advance(self, row, token):
-        """Update a row's state after `token` joined its stream."""
-        if token in self.stop_ids:
-            row.done = True
-        elif token == self.python_start:
-            row.python = []
-        elif token == self.python_end and row.python is not None:
-            result = calculator(self.tokenizer.decode(row.python))
-            row.python = None
-            if result is not None:
-                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-        elif row.python is not None:
-            row.python.append(token)
+    def has_work(self):
+        return bool(self.rows or self.waiting)
+
+    def run(self, seqs):
+        """Generate every sequence to its end (prompts grouped when several share one). Returns seqs."""
+        groups = {}
+        for s in seqs:
+            groups.setdefault(tuple(s.prompt), []).append(s)
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch_size):
+                self.submit(group[i:i + self.max_batch_size])
+        while not all(s.done for s in seqs):
+            self.step()
+        return seqs
 
     @torch.inference_mode()
+    def step(self):
+        """Prefill within the step's token budget, admit finished prefills, decode one token per row."""
+        self._drop_cancelled()
+        budget = max(1, self.max_step_tokens - len(self.rows))
+        while budget > 0:
+            with self.lock:
+                job = self.waiting[0] if self.waiting else None
+            if job is None or len(self.rows) + len(job.seqs) > self.max_batch_size:
+                break  # no prompt waiting, or no room in the batch for its samples yet
+            if all(s.cancelled for s in job.seqs):
+                with self.lock:
+                    self.waiting.popleft()
+                for s in job.seqs:
+                    s._finish("cancelled")
+                continue
+            group = self._fresh_group(budget)
+            budget -= self._prefill_group(group) if len(group) > 1 else self._prefill_chunk(job, budget)
+        if self.rows:
+            self._decode()
+
+    def _fresh_group(self, budget):
+        """Waiting prompts, from the front, not started and short enough to be prefilled together
+        in one forward (padded to the longest: that many tokens count against the budget each),
+        with room in the batch for all their samples."""
+        group, room = [], self.max_batch_size - len(self.rows)
+        with self.lock:
+            for job in self.waiting:
+                longest = max([len(job.prompt)] + [len(j.prompt) for j in group])
+                if job.cache is not None or len(job.seqs) > room or longest * (len(group) + 1) > budget:
+                    break
+                group.append(job)
+                room -= len(job.seqs)
+        return group
+
+    def _prefill_group(self, group):
+        """Several whole prompts in one forward (right-padded: causal attention keeps the padding
+        out of every real position), then each prompt's samples join as after _prefill_chunk."""
+        device = self.model.get_device()
+        lengths = [len(job.prompt) for job in group]
+        ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for b, job in enumerate(group):
+            ids[b, :lengths[b]] = torch.tensor(job.prompt)
+        layers, heads, head_dim = self.cache_dims
+        cache = KVCache(len(group), heads, max(lengths), head_dim, layers)
+        logits = self.model(ids.to(device), kv_cache=cache, logits_at=torch.tensor(lengths, device=device) - 1)
+        with self.lock:
+            self.waiting = deque(job for job in self.waiting if all(job is not g for g in group))
+        for b, job in enumerate(group):
+            job.cache, job.done, job.row = cache, lengths[b], b
+            self._admit(job, logits[b:b + 1, -1, :])
+        return len(group) * max(lengths)
+
+    def _prefill_chunk(self, job, budget):
+        """Run the next chunk of a waiting prompt; when the prompt is complete, its samples join."""
+        device = self.model.get_device()
+        if job.cache is None:
+            layers, heads, head_dim = self.cache_dims
+            job.cache = KVCache(1, heads, len(job.prompt), head_dim, layers)
+        chunk = job.prompt[job.done:job.done + budget]
+        last = torch.tensor([len(chunk) - 1], device=device)  # only the last position's logits are ever used
+        logits = self.model(torch.tensor([chunk], dtype=torch.long, device=device), kv_cache=job.cache, logits_at=last)
+        job.done += len(chunk)
+        if job.done == len(job.prompt):
+            with self.lock:
+                self.waiting.popleft()
+            self._admit(job, logits[:, -1, :])
+        return len(chunk)
+
+    def _admit(self, job, logits):
+        """The prompt is in the cache: each sample takes a row and gets its first token."""
+        if self.row_cache is None:
+            layers, heads, head_dim = self.cache_dims
+            self.row_cache = RowKVCache(layers, heads, head_dim, self.max_batch_size, self.model.get_device())
+        for seq in job.seqs:
+            device = self.model.get_device()
+            seq._rng = torch.Generator(device=device).manual_seed(seq.seed)
+            seq._decoder = ReplyDecoder(self.tokenizer, seq.show_thinking)
+            if seq.repetition_penalty != 1.0:
+                seq._seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
+                seq._seen[torch.tensor(seq.prompt, device=device)] = True
+            if seq.cancelled or seq.max_tokens == 0 or len(seq.prompt) >= self.context:
+                seq._finish("cancelled" if seq.cancelled else "length")
+                continue
+            self.row_cache.load(len(self.rows), job.cache, len(job.prompt), job.row)
+            self.rows.append(seq)
+            seq._emit("start", None)
+            self._choose([seq], logits)
+        self._leave([i for i, s in enumerate(self.rows) if s.done])
+
+    def _decode(self):
+        fed = torch.tensor([[s.tokens[-1]] for s in self.rows], dtype=torch.long, device=self.model.get_device())
+        self.row_cache.begin_step(len(self.rows))
+        logits = self.model(fed, kv_cache=self.row_cache)[:, -1, :]
+        self._choose(self.rows, logits)
+        self._leave([i for i, s in enumerate(self.rows) if s.done])
+
+    def discard(self, seqs):
+        """Take sequences out of the queue and the batch at once (their finish_reason: cancelled)."""
+        targets = {id(s) for s in seqs if not s.done}
+        if not targets:
+            return
+        with self.lock:
+            self.waiting = deque(job for job in self.waiting if not any(id(s) in targets for s in job.seqs))
+        for s in seqs:
+            if not s.done:
+                s.cancel()
+                s._finish("cancelled")
+        self._leave([i for i, s in enumerate(self.rows) if id(s) in targets])
+
+    def _drop_cancelled(self):
+        """Sequences cancelled from another thread: out of the queue and the batch."""
+        with self.lock:
+            gone = [job for job in self.waiting if all(s.cancelled for s in job.seqs)]
+            self.waiting = deque(job for job in self.waiting if job not in gone)
+        for job in gone:
+            for s in job.seqs:
+                s._finish("cancelled")
+        for s in self.rows:
+            if s.cancelled:
+                s._finish("cancelled")
+        self._leave([i for i, s in enumerate(self.rows) if s.done])
+
+    def _leave(self, finished):
+        """Free the rows of finished sequences; the last rows move into the holes (a prefix stays)."""
+        for i in sorted(finished, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                self.row_cache.move(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    # --------------------------------------------------------------- one token per sequence
+    def _choose(self, seqs, logits):
+        """Pick each sequence's next token from its row of logits (or its forced tool output)."""
+        greedy = [i for i, s in enumerate(seqs) if s.temperature == 0.0 and s._seen is None]
+        picked = {}
+        if greedy:
+            picked.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist()))
+        for i, s in enumerate(seqs):
+            if i not in picked:
+                row = logits[i:i + 1]
+                if s._seen is not None:
+                    row = apply_repetition_penalty(row, s._seen, s.repetition_penalty)
+                picked[i] = int(sample_next_token(row, s._rng, s.temperature, s.top_k, s.top_p)[0])
+        want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        logp = F.log_softmax(logits[want].float(), dim=-1) if want else None
+        for j, i in enumerate(want):
+            seqs[i]._logp_row = logp[j]
+        for i, s in enumerate(seqs):
+            self._append(s, *(s._forced.popleft(), 0) if s._forced else (picked[i], 1))
+
+    def _append(self, s, token, mask):
+        s.tokens.append(token)
+        s.masks.append(mask)
+        if s._seen is not None:
+            s._seen[token] = True
+        if s.logprobs is not None and token not in self.stop_ids:  # the stop token is no text: no entry
+            row = s._logp_row
+            top = torch.topk(row, s.logprobs) if s.logprobs > 0 else None
+            s.token_logprobs.append((token, float(row[token]),
+                                     list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+        if token in self.stop_ids and mask == 1:
+            return s._finish("stop")
+        self._tool(s, token)
+        if s._text_grew(s._decoder.add(token)):
+            return s._finish("stop")  # a stop string
+        if len(s.tokens) >= s.max_tokens or len(s.prompt) + len(s.tokens) >= self.context:
+            s._finish("length")
+
+    def _tool(self, s, token):
+        """A tool call's tokens are collected; at its end the result is queued to be forced in."""
+        if token == self.python_start:
+            s._code = []
+        elif token == self.python_end and s._code is not None:
+            result = calculator(self.tokenizer.decode(s._code))
+            s._code = None
+            if result is not None:
+                s._forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif s._code is not None:
+            s._code.append(token)
+
+    # --------------------------------------------------------------- one prompt, n samples
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
                  repetition_penalty=1.0, seed=42):
-        """Yield (token_column, token_masks) per step; see the module docstring."""
-        assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), \
-            "generate: tokens must be a non-empty list of ints"
-        assert num_samples >= 1, f"generate: num_samples must be >= 1, got {num_samples}"
-        assert temperature >= 0.0, f"generate: temperature must be >= 0, got {temperature}"
-        assert repetition_penalty > 0.0, f"generate: repetition_penalty must be > 0, got {repetition_penalty}"
+        """Yield (token_column, token_masks) per step for num_samples samples of one prompt: the
+        stop token is yielded (mask 1), later entries of a finished sample are FINISHED (mask 0).
+        Sample i uses seed + i. max_tokens None: up to the model's sequence_len in total."""
         if max_tokens is None:
             max_tokens = max(0, self.model.config.sequence_len - len(tokens))
-        device = self.model.get_device()
-        rng = torch.Generator(device=device).manual_seed(seed)
-
-        # prefill the prompt once, then share its cache across the samples
-        prefill_cache = self._new_cache(1, len(tokens))
-        logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill_cache)
-        logits = logits[:, -1, :].expand(num_samples, -1)
-        kv_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
-        kv_cache.prefill(prefill_cache)
-        del prefill_cache
-
-        rows = [_Row() for _ in range(num_samples)]
-        seen = None
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(num_samples, logits.size(-1), dtype=torch.bool, device=device)
-            seen[:, torch.tensor(tokens, device=device)] = True
-        for step in range(max_tokens):
-            if step > 0:
-                fed = torch.tensor([[row.last] for row in rows], dtype=torch.long, device=device)
-                logits = self.model(fed, kv_cache=kv_cache)[:, -1, :]
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                if row.done:
-                    column.append(FINISHED)
-                    masks.append(0)
-                    continue
-                if row.forced:
-                    token, mask = row.forced.popleft(), 0
-                else:
-                    mask = 1
-                row.last = token
-                column.append(token)
-                masks.append(mask)
-                self._advance(row, token)
-            if seen is not None:
-                seen[torch.arange(num_samples, device=device), torch.tensor([r.last for r in rows], device=device)] = True
-            yield column, masks
-            if all(row.done for row in rows):
-                return
+        seqs = [Sequence(tokens, max_tokens, temperature, top_k, top_p, repetition_penalty, seed + i)
+                for i in range(num_samples)]
+        self.submit(seqs)
+        yielded = 0
+        try:
+            while True:
+                while any(len(s.tokens) > yielded for s in seqs):
+                    column = [s.tokens[yielded] if len(s.tokens) > yielded else FINISHED for s in seqs]
+                    yield column, [s.masks[yielded] if len(s.tokens) > yielded else 0 for s in seqs]
+                    yielded += 1
+                if all(s.done for s in seqs):
+                    return
+                self.step()
+        finally:  # closed early (a consumer stopped reading, Ctrl-C): take these samples out
+            self.discard(seqs)
 
     def stream(self, tokens, **kwargs):
-        """One sample, token by token: yields (token, mask); ends after the stop token."""
+        """One sample, token by token: (token, mask); ends after the stop token."""
         for column, masks in self.generate(tokens, num_samples=1, **kwargs):
             yield column[0], masks[0]
 
-    def stream_text(self, tokens, **kwargs):
-        """One sample as text pieces, for printing as it goes (the stop token is not shown).
-        A character split across tokens is held back until its last byte arrives (at most
-        4 tokens, so invalid bytes still come out, as U+FFFD)."""
-        pending = []
-        for token, _ in self.stream(tokens, **kwargs):
-            if token in self.stop_ids:
-                break
-            pending.append(token)
-            text = self.tokenizer.decode(pending)
-            if not text.endswith("\ufffd") or len(pending) >= 4:
-                yield text
-                pending = []
-        if pending:
-            yield self.tokenizer.decode(pending)
-
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Run `generate` to the end -> (results, masks): per sample the generated ids (without
-        the prompt and without the stop token) and their masks."""
-        results = [[] for _ in range(num_samples)]
-        masks = [[] for _ in range(num_samples)]
+        """Run `generate` to the end -> (results, masks): per sample the generated ids (without the
+        stop token) and their masks."""
+        results, masks = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]
         for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if token != FINISHED and token not in self.stop_ids:
@@ -300,13 +414,16 @@ class Engine:
                     masks[i].append(mask)
         return results, masks
 
+    def complete_many(self, conversations, max_tokens, temperature=0.0, top_k=None, seed=42):
+        """The reply texts (tool calls and output included, as the tokenizer decodes them) to many
+        conversations' prompts, generated together; greedy by default."""
+        seqs = []
+        for i, conversation in enumerate(conversations):
+            prompt = self.tokenizer.render_for_completion(conversation)
+            seqs.append(Sequence(prompt, max(0, min(max_tokens, self.context - len(prompt))), temperature, top_k,
+                                 seed=seed + i))
+        self.run(seqs)
+        return [self.tokenizer.decode([t for t in s.tokens if t not in self.stop_ids]) for s in seqs]
+
     def complete(self, conversation, max_tokens, temperature=0.0, top_k=None, seed=42):
-        """The reply text (tool calls and their output included) to a conversation's prompt; greedy
-        by default. Prompt + reply never outgrow the model's rotary table."""
-        prompt = self.tokenizer.render_for_completion(conversation)
-        room = self.model.cos.size(1) - len(prompt)
-        if room <= 0:
-            return ""
-        results, _ = self.generate_batch(prompt, num_samples=1, max_tokens=min(max_tokens, room),
-                                         temperature=temperature, top_k=top_k, seed=seed)
-        return self.tokenizer.decode(results[0])
+        return self.complete_many([conversation], max_tokens, temperature, top_k, seed)[0]

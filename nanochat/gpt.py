@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from nanochat.adamw import AdamW, DistAdamW
 from nanochat.common import is_distributed
+from nanochat.kv_cache import KVCache
 from nanochat.muon import DistMuon, Muon
 
 
@@ -98,58 +99,6 @@ def apply_rotary_emb(x, cos, sin):
     return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
-    Storage is (num_layers, 2, batch, heads, time, head_dim), allocated on the first insert
-    with the keys' dtype and device, and grown when a sequence outruns seq_len."""
-
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
-        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
-        self.seq_len = seq_len
-        self.kv = None
-        self.pos = 0  # tokens already cached; advanced when the last layer has inserted
-
-    def reset(self):
-        self.pos = 0
-
-    def get_pos(self):
-        return self.pos
-
-    def _allocate(self, seq_len, dtype, device):
-        self.seq_len = seq_len
-        shape = (self.num_layers, 2, self.batch_size, self.num_heads, seq_len, self.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
-
-    def prefill(self, other):
-        """Copy a batch-1 (or same-batch) cache into this empty one: prefill a prompt once,
-        then sample several continuations of it in parallel."""
-        assert self.kv is None and self.pos == 0, "KVCache.prefill: the destination cache must be empty"
-        assert other.kv is not None, "KVCache.prefill: the source cache is empty"
-        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim), \
-            "KVCache.prefill: layers/heads/head_dim differ between the caches"
-        assert other.batch_size in (1, self.batch_size), \
-            f"KVCache.prefill: source batch {other.batch_size} must be 1 or {self.batch_size}"
-        self._allocate(max(self.seq_len, other.pos), other.kv.dtype, other.kv.device)
-        self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]  # broadcasts batch 1 -> N
-        self.pos = other.pos
-
-    def insert_kv(self, layer_idx, k, v):
-        """Store k, v (B, H, T_new, D) after the cached tokens; return all keys and values so far."""
-        if self.kv is None:
-            self._allocate(self.seq_len, k.dtype, k.device)
-        t0, t1 = self.pos, self.pos + k.size(2)
-        if t1 > self.kv.size(4):  # grow to the next multiple of 1024 past what is needed
-            extra = (t1 + 1024) // 1024 * 1024 - self.kv.size(4)
-            pad = torch.zeros(*self.kv.shape[:4], extra, self.head_dim, dtype=self.kv.dtype, device=self.kv.device)
-            self.kv = torch.cat([self.kv, pad], dim=4)
-            self.seq_len = self.kv.size(4)
-        self.kv[layer_idx, 0, :, :, t0:t1] = k
-        self.kv[layer_idx, 1, :, :, t0:t1] = v
-        if layer_idx == self.num_layers - 1:
-            self.pos = t1
-        return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -170,7 +119,9 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm: bounded attention logits, stable at high lr
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask = None
         if kv_cache is not None:
+            mask = kv_cache.attn_mask
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         if self.n_kv_head != self.n_head:
@@ -178,7 +129,10 @@ class CausalSelfAttention(nn.Module):
             # rather than SDPA's enable_gqa, which needs torch >= 2.5.
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if Tq == Tk:
+        if mask is not None:
+            # rows of different lengths decoded together: each attends to its own tokens
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif Tq == Tk:
             # training, or prefill of an empty cache: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif Tq == 1:
@@ -503,8 +457,10 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # the lr schedule multiplies this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None,
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
+        """idx (B, T) token ids. Returns logits (B, T, vocab) in fp32 when targets is None
+        (logits_at, a (B,) LongTensor of positions: only those, (B, 1, vocab), which saves the
+        vocab projection of every other position: prefill and multiple-choice scoring),
         else the cross-entropy loss (targets == -1 are ignored): a scalar for "mean" / "sum",
         per-token (B, T) for "none" (0 at ignored positions).
         MoE: in training mode the "mean" / "sum" loss also holds moe_aux_loss_coef times the
@@ -512,10 +468,10 @@ class GPT(nn.Module):
         that dividing by them gives the mean's value). Per-token losses and eval mode never
         include it. self.moe_aux_loss holds the last forward's value (detached) for logging."""
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        assert t0 + T <= self.cos.size(1), \
-            f"sequence of {t0 + T} tokens is longer than the rotary table ({self.cos.size(1)} = 10 x sequence_len)"
-        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        end = T if kv_cache is None else kv_cache.end(T)
+        assert end <= self.cos.size(1), \
+            f"sequence of {end} tokens is longer than the rotary table ({self.cos.size(1)} = 10 x sequence_len)"
+        cos_sin = (self.cos[:, :T], self.sin[:, :T]) if kv_cache is None else kv_cache.rotary(self.cos, self.sin, T)
         x = self.transformer.wte(idx)
         if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lm_head.weight.dtype)  # bf16 embedding used outside autocast (plain inference)
@@ -539,6 +495,9 @@ class GPT(nn.Module):
             loss = ChunkedSoftcapCrossEntropy.apply((x / softcap).view(B * T, -1), self.lm_head.weight,
                                                     targets.reshape(-1), softcap, loss_reduction, needs_grad)
             return loss.view(B, T) if loss_reduction == "none" else loss + aux
+        if logits_at is not None:
+            assert targets is None, "logits_at is for inference: no targets"
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None]
         logits = self.lm_head(x / softcap).float()  # fp32 for the tanh and the loss
         logits = softcap * logits.tanh_()  # in place: one vocab-sized allocation fewer
         if targets is None:

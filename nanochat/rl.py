@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from nanochat.engine import FINISHED
+from nanochat.engine import Sequence
 from nanochat.rows import padded_batch
 from nanochat.tasks.common import last_number
 
@@ -88,19 +88,20 @@ def pass_at_k(n, c, k):
 # -----------------------------------------------------------------------------
 # Rollouts: samples from the engine -> training tensors
 
+def sample_groups(engine, prompts, seeds, num_samples, max_tokens, temperature=1.0, top_k=None):
+    """num_samples completions of each prompt, all decoded together (sample i of a prompt with seed
+    seeds[p] + i) -> per prompt a list of (tokens, masks, finished). Unlike Engine.generate_batch
+    the stop token is kept (mask 1): the model is also trained on when to stop. finished: the
+    sample ended with a stop token within max_tokens (not cut off)."""
+    groups = [[Sequence(prompt, max_tokens, temperature, top_k, seed=seed + i) for i in range(num_samples)]
+              for prompt, seed in zip(prompts, seeds)]
+    engine.run([s for group in groups for s in group])
+    return [[(s.tokens, s.masks, bool(s.tokens) and s.tokens[-1] in engine.stop_ids) for s in group] for group in groups]
+
+
 def sample_group(engine, prompt, num_samples, max_tokens, temperature=1.0, top_k=None, seed=42):
-    """num_samples completions of one prompt -> (tokens, masks, finished) per sample. Unlike
-    Engine.generate_batch the stop token is kept (mask 1): the model is also trained on when to
-    stop. finished: the sample ended with a stop token within max_tokens (not cut off)."""
-    tokens = [[] for _ in range(num_samples)]
-    masks = [[] for _ in range(num_samples)]
-    for column, column_masks in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
-                                                temperature=temperature, top_k=top_k, seed=seed):
-        for i, (token, mask) in enumerate(zip(column, column_masks)):
-            if token != FINISHED:
-                tokens[i].append(token)
-                masks[i].append(mask)
-    return [(t, m, bool(t) and t[-1] in engine.stop_ids) for t, m in zip(tokens, masks)]
+    """sample_groups for one prompt."""
+    return sample_groups(engine, [prompt], [seed], num_samples, max_tokens, temperature, top_k)[0]
 
 
 def completion_text(tokenizer, tokens, stop_ids):

@@ -198,11 +198,15 @@ class RustBPETokenizer:
     def get_special_tokens(self) -> list[str]:
         return list(SPECIAL_TOKENS)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's bytes (a special token: its name in UTF-8)."""
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id].encode("utf-8")
+        return self._core.token_bytes(token_id)
+
     def id_to_token(self, token_id: int) -> str:
         """The token's text (special tokens by name; partial UTF-8 bytes shown as U+FFFD)."""
-        if token_id in self._id_to_special:
-            return self._id_to_special[token_id]
-        return self._core.token_bytes(token_id).decode("utf-8", errors="replace")
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def get_pattern(self) -> str:
         return self._core.get_pattern()

@@ -23,6 +23,7 @@ from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_for, autodetect_device_type
 from nanochat.configurator import configure
 from nanochat.engine import Engine
+from nanochat.reply import ReplyDecoder
 from nanochat.tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------- defaults
@@ -53,76 +54,11 @@ bos, assistant_end = tokenizer.get_bos_token_id(), special["<|assistant_end|>"]
 max_context = 10 * model.config.sequence_len  # the rotary table's length
 
 
-class ReplyPrinter:
-    """Prints a reply's tokens as they come: text incrementally (decoding the growing token list,
-    so multi-byte characters print whole), a calculator call as [calc: expr = result]. A
-    <think> ... </think> block is printed with its markers when open_thinking, else not at all."""
-
-    def __init__(self, open_thinking=False):
-        self.text, self.printed = [], ""  # current text run and what of it is on screen
-        self.expr, self.output, self.mode = [], [], "text"
-        self.open_thinking, self.thinking = open_thinking, False
-
-    def _print(self, text):
-        if self.open_thinking or not self.thinking:
-            print(text, end="", flush=True)
-
-    def _flush_text(self, final=False):
-        decoded = tokenizer.decode(self.text)
-        if not final:
-            decoded = decoded.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
-        self._print(decoded[len(self.printed):])
-        self.printed = decoded
-
-    def _end_call(self):
-        expr = tokenizer.decode(self.expr).strip()
-        result = tokenizer.decode(self.output).strip() if self.output else "?"
-        self._print(f"[calc: {expr} = {result}]")
-        self.expr, self.output, self.mode = [], [], "text"
-
-    def add(self, token):
-        if self.mode == "called" and token != special["<|output_start|>"]:
-            self._end_call()  # the calculator refused the expression: no output follows
-        if token in (special["<think>"], special["</think>"]):
-            self._flush_text(final=True)
-            self.text, self.printed = [], ""
-            if token == special["<think>"]:
-                self.thinking = True
-                self._print("<think>")
-            else:
-                self._print("</think>\n")
-                self.thinking = False
-        elif token == special["<|python_start|>"]:
-            self._flush_text(final=True)
-            self.text, self.printed, self.mode = [], "", "expr"
-        elif token == special["<|python_end|>"]:
-            self.mode = "called"
-        elif token == special["<|output_start|>"]:
-            self.mode = "output"
-        elif token == special["<|output_end|>"]:
-            self._end_call()
-        elif self.mode == "expr":
-            self.expr.append(token)
-        elif self.mode == "output":
-            self.output.append(token)
-        elif token not in (bos, assistant_end):
-            self.text.append(token)
-            self._flush_text()
-
-    def finish(self):
-        if self.mode != "text":
-            self._end_call()
-        self._flush_text(final=True)
-        if self.thinking and not self.open_thinking:  # the reply ended inside a hidden block
-            self.thinking = False
-            self._print("[thinking not finished; --open_thinking shows it]")
-        print(flush=True)
-
-
 def reply(conversation, header=""):
     """Generate the assistant's turn after `conversation` (token ids ending in <|assistant_start|>),
-    streaming it after `header`; returns the ids to append (always ending in <|assistant_end|>)."""
-    printer, generated = ReplyPrinter(open_thinking), []
+    streaming it after `header` as nanochat.reply shows it; returns the ids to append (always
+    ending in <|assistant_end|>)."""
+    decoder, generated = ReplyDecoder(tokenizer, show_thinking=open_thinking), []
     budget = min(max_tokens, max_context - len(conversation))
     try:
         print(header, end="", flush=True)
@@ -131,10 +67,13 @@ def reply(conversation, header=""):
                                           top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
                                           repetition_penalty=repetition_penalty, seed=seed + len(conversation)):
                 generated.append(token)
-                printer.add(token)
+                print(decoder.add(token), end="", flush=True)
     except KeyboardInterrupt:  # Ctrl-C stops this reply only
         print(" [stopped]", end="")
-    printer.finish()
+    print(decoder.finish(), end="")
+    if decoder.thinking and not open_thinking:  # the reply ended inside a hidden block
+        print("[thinking not finished; --open_thinking shows it]", end="")
+    print(flush=True)
     if generated and generated[-1] == bos:
         generated.pop()
     if not generated or generated[-1] != assistant_end:

@@ -236,11 +236,11 @@ def reasoning_accuracy(m):
     """Greedy completions of the held-out reasoning problems (tools allowed) -> (fraction correct,
     fraction that think first: open with <think> and close it)."""
     m.eval()
-    engine = Engine(m, tokenizer)
+    conversations = list(reasoning_eval)
+    with autocast:
+        texts = Engine(m, tokenizer).complete_many(conversations, eval_max_tokens)  # decoded together
     correct = thought = 0
-    for conversation in reasoning_eval:
-        with autocast:
-            text = engine.complete(conversation, eval_max_tokens)
+    for conversation, text in zip(conversations, texts):
         correct += reasoning_eval.evaluate(conversation, text)
         thought += text.startswith("<think>") and "</think>" in text
     m.train()

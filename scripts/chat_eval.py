@@ -17,6 +17,7 @@ Tasks (-a, comma-separated, or all):
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 if __package__ in (None, ""):  # also runnable as `python scripts/chat_eval.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,10 +31,12 @@ device_type = ""       # cuda | mps | cpu; empty: autodetect
 task_name = "all"      # -a: comma-separated task names, or all
 max_problems = 0       # per task (a fixed random spread of its test split); 0: all
 batch_size = 8         # categorical prompts per forward
+max_batch_size = 32    # generative: problems decoded together (1: one at a time)
 max_new_tokens = 256   # generative reply length
 temperature = 0.0      # 0: greedy
 top_k = 0              # 0: off
 stage = ""             # report stage (BASE|MID|SFT|DPO|RL|DISTILL); empty: from the checkpoint dir
+answers_file = ""      # write every problem's answer here (JSONL: task, index, answer, correct); rank r > 0 adds .rank<r>
 # ----------------------------------------------------------------------------- (options end)
 
 _STAGE_NAMES = {"base": "BASE", "mid": "MID", "chatsft": "SFT", "chatdpo": "DPO", "chatrl": "RL", "distill": "DISTILL"}
@@ -87,44 +90,49 @@ def letter_ids(tokenizer, letters):
 @torch.no_grad()
 def categorical_answers(model, tokenizer, conversations, device, batch_size=8, max_len=None):
     """The letter each conversation's prompt gives the highest logit to, among its letters.
-    Prompts are padded on the right into batches; each row's logits are read at its last token."""
-    answers = []
-    for b in range(0, len(conversations), batch_size):
-        convs = conversations[b:b + batch_size]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        if max_len:
-            prompts = [p[-max_len:] for p in prompts]  # keep the end: the question and <|assistant_start|>
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = torch.tensor(p)
-        logits = model(ids.to(device))
-        for r, (p, conv) in enumerate(zip(prompts, convs)):
-            choice_ids = torch.tensor(letter_ids(tokenizer, conv["letters"]), device=logits.device)
-            best = int(logits[r, len(p) - 1, choice_ids].argmax())
-            answers.append(conv["letters"][best])
+    Prompts are batched by length (little padding), padded on the right; each row's logits are
+    read at its last token."""
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    if max_len:
+        prompts = [p[-max_len:] for p in prompts]  # keep the end: the question and <|assistant_start|>
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        ids = torch.zeros((len(rows), max(len(prompts[i]) for i in rows)), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, :len(prompts[i])] = torch.tensor(prompts[i])
+        logits = model(ids.to(device), logits_at=torch.tensor([len(prompts[i]) - 1 for i in rows]))[:, 0]
+        for r, i in enumerate(rows):
+            letters = conversations[i]["letters"]
+            choice_ids = torch.tensor(letter_ids(tokenizer, letters), device=logits.device)
+            answers[i] = letters[int(logits[r, choice_ids].argmax())]
     return answers
 
 
 def evaluate_task(task, indices, model, tokenizer, device, engine=None, batch_size=8, max_new_tokens=256,
-                  temperature=0.0, top_k=None, max_len=None, progress=None):
-    """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share)."""
+                  temperature=0.0, top_k=None, max_len=None, progress=None, answers=None):
+    """-> (correct, n, sum of 1/len(letters)) over task problems `indices` (this rank's share).
+    answers, a list, gets (index, answer, correct) per problem."""
     correct, inv_choices = 0, 0.0
-    if task.eval_type == "categorical":
-        for b in range(0, len(indices), batch_size * 4):
-            convs = [task.get(i) for i in indices[b:b + batch_size * 4]]
-            for conv, answer in zip(convs, categorical_answers(model, tokenizer, convs, device, batch_size, max_len)):
-                correct += answer == conv["answer"]
-                inv_choices += 1.0 / len(conv["letters"])
-            if progress:
-                progress(min(b + batch_size * 4, len(indices)), len(indices))
-    else:
-        for k, i in enumerate(indices):
-            conv = task.get(i)
-            completion = engine.complete(conv, max_new_tokens, temperature, top_k)
-            correct += bool(task.evaluate(conv, completion))
-            if progress:
-                progress(k + 1, len(indices))
+    # generative: many problems decoded together, a few batches' worth at a time for the progress line
+    chunk = batch_size * 4 if task.eval_type == "categorical" else 2 * engine.max_batch_size
+    for b in range(0, len(indices), chunk):
+        convs = [task.get(i) for i in indices[b:b + chunk]]
+        if task.eval_type == "categorical":
+            replies = categorical_answers(model, tokenizer, convs, device, batch_size, max_len)
+            right = [reply == conv["answer"] for conv, reply in zip(convs, replies)]
+            inv_choices += sum(1.0 / len(conv["letters"]) for conv in convs)
+        else:  # each problem's seed is fixed by its place, whatever the batch size (42 + position)
+            replies = engine.complete_many(convs, max_new_tokens, temperature, top_k, seed=42 + b)
+            # scored after decoding: sandboxes started meanwhile would fight the model for the cores
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # humaneval: a sandboxed process each
+                right = [bool(r) for r in pool.map(task.evaluate, convs, replies)]
+        correct += sum(right)
+        if answers is not None:
+            answers.extend(zip(indices[b:b + chunk], replies, right))
+        if progress:
+            progress(min(b + chunk, len(indices)), len(indices))
     return correct, len(indices), inv_choices
 
 
@@ -145,11 +153,12 @@ def stage_of(checkpoint_dir):
 
 
 def main(user_config):
+    import json
     import time
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.core_eval import select_examples
-    from nanochat.common import autocast_for, compute_cleanup, compute_init, print0
+    from nanochat.common import atomic_open, autocast_for, compute_cleanup, compute_init, print0
     from nanochat.engine import Engine
     from nanochat.tokenizer import get_tokenizer
     from nanochat.training import format_hms
@@ -158,7 +167,7 @@ def main(user_config):
     autocast = autocast_for(device)
     tokenizer = get_tokenizer()
     model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chatsft")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
     names = list(_TASK_NAMES) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
     unknown = [n for n in names if n not in _TASK_NAMES]
     if unknown:
@@ -166,7 +175,7 @@ def main(user_config):
     print0(f"checkpoint: {checkpoint_dir} step {step}; tasks: {', '.join(names)}; "
            f"{max_problems or 'all'} problems each; temperature {temperature}")
 
-    rows = []
+    rows, answer_rows = [], []
     t_start = time.time()
     for name in names:
         task, baseline = make_task(name)
@@ -176,10 +185,12 @@ def main(user_config):
         def progress(done, total, name=name):
             print0(f"\r  {name:14s} {done:5d}/{total:<5d} elapsed {format_hms(time.time() - t0)}", end="", flush=True)
 
+        answers = []
         with autocast:
             correct, n, inv = evaluate_task(task, indices, model, tokenizer, device, engine, batch_size,
                                             max_new_tokens, temperature, top_k or None,
-                                            model.config.sequence_len, progress)
+                                            model.config.sequence_len, progress, answers)
+        answer_rows += [{"task": name, "index": i, "answer": a, "correct": c} for i, a, c in answers]
         counts = torch.tensor([correct, n, inv], dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)
@@ -189,12 +200,18 @@ def main(user_config):
         low, high = wilson_interval(correct, n)
         rows.append({"task": name, "type": task.eval_type, "n": n, "correct": correct, "accuracy": accuracy,
                      "low": low, "high": high, "baseline": baseline, "centered": centered(accuracy, baseline),
-                     "seconds": round(time.time() - t0, 1)})
+                     "seconds": time.time() - t0})
         print0(f"\r  {name:14s} {correct}/{n} = {accuracy:.4f} [{low:.3f}, {high:.3f}] in {format_hms(time.time() - t0)}")
     chatcore = sum(r["centered"] for r in rows) / len(rows)
     table = results_table(rows, chatcore)
+    if answers_file:
+        path = answers_file + (f".rank{rank}" if rank else "")
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answer_rows)
+        print0(f"answers: {path}")
     print0(table)
-    print0(f"ChatCORE {chatcore:.4f} over {len(rows)} tasks; eval time {format_hms(time.time() - t_start)}")
+    per_task = ", ".join(f"{r['task']} {r['seconds']:.1f}" for r in rows)
+    print0(f"ChatCORE {chatcore:.4f} over {len(rows)} tasks; eval time {time.time() - t_start:.1f} s ({per_task})")
 
     if rank == 0:
         from nanochat import report

@@ -33,7 +33,7 @@ from nanochat.checkpoint_manager import build_model, load_checkpoint, open_train
 from nanochat.common import all_reduce_sum, compute_init, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.engine import Engine
-from nanochat.rl import (completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch, sample_group,
+from nanochat.rl import (completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch, sample_groups,
                          shaped_reward, token_logprobs)
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
@@ -156,11 +156,12 @@ def evaluate(step):
     metrics = {}
     for name, task in eval_sets.items():
         totals = [0.0, 0.0, 0.0]  # pass@1 sum, pass@k sum, problems
-        for i in range(rank, len(task), world_size):
-            conversation = task.get(i)
-            prompt = tokenizer.render_for_completion(conversation)
-            samples = sample_group(engine, prompt, eval_samples, max_new_tokens, eval_temperature,
-                                   seed=zlib.crc32(f"eval-{name}-{i}".encode()))
+        mine = range(rank, len(task), world_size)
+        conversations = [task.get(i) for i in mine]
+        groups = sample_groups(engine, [tokenizer.render_for_completion(c) for c in conversations],  # all at once
+                               [zlib.crc32(f"eval-{name}-{i}".encode()) for i in mine], eval_samples, max_new_tokens,
+                               eval_temperature)
+        for conversation, samples in zip(conversations, groups):
             c = sum(task.evaluate(conversation, completion_text(tokenizer, toks, stop_ids)) for toks, _, _ in samples)
             totals[0] += pass_at_k(eval_samples, c, 1)
             totals[1] += pass_at_k(eval_samples, c, eval_k)
@@ -176,12 +177,13 @@ def rollouts(step):
     """This rank's prompts of the step -> (sequences, advantages, mean reward, mean correct, samples)."""
     sequences, advantages = [], []
     reward_sum = correct_sum = count = 0.0
-    for j in range(rank, prompts_per_step, world_size):
-        task, index = pool[(step * prompts_per_step + j) % len(pool)]
-        conversation = task.get(index)
-        prompt = tokenizer.render_for_completion(conversation)
-        samples = sample_group(engine, prompt, num_samples, max_new_tokens, temperature, top_k or None,
-                               seed=zlib.crc32(f"{seed}-{step}-{j}".encode()))
+    mine = range(rank, prompts_per_step, world_size)
+    drawn = [pool[(step * prompts_per_step + j) % len(pool)] for j in mine]
+    conversations = [task.get(index) for task, index in drawn]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    groups = sample_groups(engine, prompts, [zlib.crc32(f"{seed}-{step}-{j}".encode()) for j in mine], num_samples,
+                           max_new_tokens, temperature, top_k or None)  # every prompt's samples decoded together
+    for (task, _), conversation, prompt, samples in zip(drawn, conversations, prompts, groups):
         rewards, corrects = [], []
         for toks, _, finished in samples:
             text = completion_text(tokenizer, toks, stop_ids)

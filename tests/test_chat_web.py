@@ -1,9 +1,10 @@
 """
 scripts/chat_web.py as a real server process on a loopback port: the official `openai` client
-(non-streaming and streaming) gets the replies a tiny model memorised in the fixture; the raw SSE
-stream; 16 concurrent streaming clients each get their own reply; a client that disconnects
-mid-stream frees its worker; a queue wait past the timeout gets 503 + Retry-After; a table of bad
-requests each gets its 4xx in OpenAI's error shape while the server keeps serving.
+(non-streaming and streaming, n > 1, logprobs, stop, seed, include_usage, /v1/completions, API keys)
+gets the replies a tiny model memorised in the fixture; the raw SSE stream; 16 concurrent streaming
+clients each get their own reply from one batched engine; a client that disconnects mid-stream
+frees its slot; a queue wait past the timeout gets 503 + Retry-After; a table of bad requests each
+gets its 4xx in OpenAI's error shape while the server keeps serving.
 Run: nice -n 10 python -m pytest tests/test_chat_web.py -q
 """
 import concurrent.futures
@@ -30,7 +31,7 @@ SECOND = HELLO + [{"role": "assistant", "content": HELLO_REPLY}, {"role": "user"
 SECOND_REPLY = "I was trained from scratch in a test."
 NIHAO = [{"role": "user", "content": "你好"}]
 NIHAO_REPLY = "你好！我是 nanochat。"
-COUNT = [{"role": "user", "content": "count"}]  # a long reply: keeps a worker busy on the slow server
+COUNT = [{"role": "user", "content": "count"}]  # a long reply: keeps the slow server's one slot busy
 COUNT_REPLY = "la " * 40
 CONVERSATIONS = [HELLO + [{"role": "assistant", "content": HELLO_REPLY}],
                  SECOND + [{"role": "assistant", "content": SECOND_REPLY}],
@@ -131,14 +132,16 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(base_dir, tmp_path_factory):
-    """Two servers, started side by side: "fast" (2 workers, small limits for the bad-request table)
-    and "slow" (1 worker, 0.1 s per token: the 40-token reply holds it for about 4 s)."""
+    """Three servers, started side by side: "fast" (batched, small limits for the bad-request table),
+    "slow" (one sequence at a time, 0.1 s per step: the 40-token reply holds it for about 4 s) and
+    "keyed" (an API key)."""
     logs = tmp_path_factory.mktemp("logs")
     started = {
-        "fast": Server(base_dir[0], logs / "fast.log", "--num_workers=2", "--max_messages=8", "--max_message_chars=200",
+        "fast": Server(base_dir[0], logs / "fast.log", "--max_messages=8", "--max_message_chars=200",
                        "--max_max_tokens=120", "--max_body_bytes=20000"),
-        "slow": Server(base_dir[0], logs / "slow.log", "--num_workers=1", "--slow_down=0.1", "--queue_timeout=0.5",
+        "slow": Server(base_dir[0], logs / "slow.log", "--max_batch_size=1", "--slow_down=0.1", "--queue_timeout=0.5",
                        "--retry_after=7"),
+        "keyed": Server(base_dir[0], logs / "keyed.log", "--api_key=s3cret"),
     }
     try:
         for s in started.values():
@@ -159,9 +162,9 @@ def slow_server(servers):
     return servers["slow"]
 
 
-def openai_client(server):
+def openai_client(server, api_key="not-needed"):
     from openai import OpenAI
-    return OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
+    return OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 def stream_text(server, messages, **kw):
@@ -209,12 +212,65 @@ def test_openai_client_gets_the_memorised_replies(server, base_dir):
     models = client.models.list().data
     assert len(models) == 1 and models[0].id.startswith("nanochat-chatsft-tiny")
     h = server.health()
-    assert h["model"] == models[0].id and h["device"] == "cpu" and h["workers"] == 2
-    assert h["queue_depth"] == 0 and h["busy_workers"] == 0 and h["uptime_s"] > 0
+    assert h["model"] == models[0].id and h["device"] == "cpu" and h["max_batch_size"] == 32
+    assert h["queue_depth"] == 0 and h["active"] == 0 and h["uptime_s"] > 0
+
+
+def test_n_choices_logprobs_and_completions(server, base_dir):
+    tokenizer = base_dir[1]
+    client = openai_client(server)
+    r = client.chat.completions.create(model="m", messages=HELLO, temperature=0, n=3, logprobs=True, top_logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2] and {c.message.content for c in r.choices} == {HELLO_REPLY}
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == HELLO_REPLY  # one entry per token (the stop token is not text)
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+               for e in content)
+    assert all(bytes(e.bytes).decode() == e.token for e in content if e.token.isascii())
+    assert r.usage.completion_tokens == 3 * (len(tokenizer.encode(HELLO_REPLY)) + 1)
+    # n samples at a high temperature: different replies, the same ones again with the seed
+    runs = [[c.message.content for c in client.chat.completions.create(
+        model="m", messages=NIHAO, temperature=2.0, n=4, seed=11, max_tokens=12).choices] for _ in range(2)]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+    chunks = list(client.chat.completions.create(model="m", messages=HELLO, temperature=0, n=2, stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) \
+            == HELLO_REPLY
+    assert not any(c.usage for c in chunks)  # no include_usage: no usage chunk
+    # /v1/completions: plain text after <|bos|>, no chat template (the chat model was trained on
+    # chat turns only, so the continuation is whatever it is: greedy, the same streamed or not)
+    c = client.completions.create(model="m", prompt="Hello! I am", temperature=0, max_tokens=12, logprobs=3)
+    assert c.object == "text_completion" and c.choices[0].finish_reason in ("stop", "length")
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens - \
+        (c.choices[0].finish_reason == "stop")
+    assert all(len(top) <= 3 for top in lp.top_logprobs) and c.usage.prompt_tokens == 1 + len(tokenizer.encode("Hello! I am"))
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="m", prompt="Hello! I am", temperature=0, max_tokens=12, stream=True) if ch.choices)
+    assert streamed == c.choices[0].text
+
+
+def test_api_key_is_required_when_set(servers):
+    keyed = servers["keyed"]
+    from openai import AuthenticationError
+    with pytest.raises(AuthenticationError) as e:
+        openai_client(keyed, "wrong").chat.completions.create(model="m", messages=HELLO)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(keyed.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=10)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(keyed.url + "/health", timeout=10).status_code == 200  # not behind the key
+    r = openai_client(keyed, "s3cret").chat.completions.create(model="m", messages=HELLO, temperature=0)
+    assert r.choices[0].message.content == HELLO_REPLY
+
+
+def test_a_public_host_needs_a_key(base_dir):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir[0]}
+    r = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--host=0.0.0.0", f"--port={free_port()}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--api_key" in r.stderr and "--allow_no_key" in r.stderr
 
 
 def test_raw_stream_is_sse_chunks_ending_in_done(server):
-    body = {"model": "m", "messages": NIHAO, "stream": True, "temperature": 0}
+    body = {"model": "m", "messages": NIHAO, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -233,7 +289,7 @@ def test_16_concurrent_streaming_clients_each_get_their_own_reply(server):
         replies = list(pool.map(lambda case: stream_text(server, case[0])[0], cases))
     assert replies == [reply for _, reply in cases]
     h = server.health()
-    assert h["busy_workers"] == 0 and h["queue_depth"] == 0
+    assert h["active"] == 0 and h["queue_depth"] == 0
 
 
 # ----------------------------------------------------------------------------- bad requests
@@ -289,10 +345,22 @@ BAD_REQUESTS = [  # (name, raw body, status, a word the message must contain)
     ("stop not a string", body(stop=5), 400, "stop"),
     ("seed negative", body(seed=-1), 400, "seed"),
     ("seed a string", body(seed="x"), 400, "seed"),
-    ("n = 2", body(n=2), 400, "n=1"),
+    ("n over the limit", body(n=9), 400, "'n' must be in [1, 8]"),
+    ("n zero", body(n=0), 400, "'n'"),
+    ("top_logprobs over 20", body(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("top_logprobs without logprobs", body(top_logprobs=2), 400, "top_logprobs"),
+    ("logprobs on a stream", body(logprobs=True, stream=True), 400, "stream"),
+    ("stream_options not an object", body(stream=True, stream_options=True), 400, "stream_options"),
     ("model not a string", body(model=5), 400, "model"),
     ("deeply nested", '{"messages": ' + "[" * 100000 + "]" * 100000 + "}", 413, "limit"),
     ("body too large", body(messages=[{"role": "user", "content": "x" * 30000}]), 413, "limit"),
+    ("a 2 MB body", body(messages=[{"role": "user", "content": "x" * 2_000_000}]), 413, "limit"),
+]
+BAD_COMPLETIONS = [
+    ("no prompt", {"max_tokens": 5}, 400, "prompt"),
+    ("prompt over the context", {"prompt": "7 " * 99}, 400, "context"),
+    ("echo", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("logprobs over 20", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
 ]
 
 
@@ -303,7 +371,14 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, name,
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and word in error["message"], error
-    assert server.health()["busy_workers"] == 0
+    assert server.health()["active"] == 0
+
+
+@pytest.mark.parametrize("name,body,status,word", BAD_COMPLETIONS, ids=[case[0] for case in BAD_COMPLETIONS])
+def test_bad_completions_request_gets_a_clear_4xx(server, name, body, status, word):
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert word in r.json()["error"]["message"]
 
 
 def test_wrong_paths_and_methods_get_openai_shaped_errors_then_a_normal_reply(server):
@@ -341,17 +416,17 @@ def wait_until_idle(server, limit):
     t0 = time.time()
     while time.time() - t0 < limit:
         h = server.health()
-        if h["busy_workers"] == 0 and h["queue_depth"] == 0:
+        if h["active"] == 0 and h["queue_depth"] == 0:
             return time.time() - t0
         time.sleep(0.05)
-    raise AssertionError(f"the worker stayed busy for {limit} s: {server.health()}")
+    raise AssertionError(f"the engine stayed busy for {limit} s: {server.health()}")
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_worker(slow_server):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(slow_server):
     client, cm, lines = start_count_stream(slow_server)
-    assert slow_server.health()["busy_workers"] == 1
+    assert slow_server.health()["active"] == 1
     time.sleep(0.5)
-    assert slow_server.health()["busy_workers"] == 1  # still generating for the silent client
+    assert slow_server.health()["active"] == 1  # still generating for the silent client
     cm.__exit__(None, None, None)  # hang up with ~35 tokens (~3.5 s of generation) still to go
     client.close()
     del lines
@@ -370,7 +445,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_worker(slow_server):
 
 
 def test_a_request_waiting_past_the_queue_timeout_gets_503_with_retry_after(slow_server):
-    client, cm, lines = start_count_stream(slow_server)  # holds the only worker for ~4 s
+    client, cm, lines = start_count_stream(slow_server)  # holds the only slot for ~4 s
     try:
         t0 = time.time()
         r = httpx.post(slow_server.url + "/v1/chat/completions", json={"model": "m", "messages": HELLO}, timeout=30)

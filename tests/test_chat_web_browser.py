@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("chat_web_browser_base")
     make_base_dir(str(base))
     # 0.03 s per token: a reply takes a visible fraction of a second, so the test sees it stream
-    s = Server(str(base), tmp_path_factory.mktemp("logs") / "server.log", "--num_workers=1", "--slow_down=0.03")
+    s = Server(str(base), tmp_path_factory.mktemp("logs") / "server.log", "--slow_down=0.03")
     try:
         yield s.wait()
     finally:
@@ -126,10 +126,10 @@ def test_chat_in_a_real_browser(server, tmp_path):
             stopped = last_reply(page)
             assert "stopped" in stopped and len(stopped) < len(COUNT_REPLY)
             for _ in range(50):  # freed within a token or so, not after the ~35 left
-                if server.health()["busy_workers"] == 0:
+                if server.health()["active"] == 0:
                     break
                 page.wait_for_timeout(100)
-            assert server.health()["busy_workers"] == 0
+            assert server.health()["active"] == 0
 
             # HTML is shown, never interpreted; ``` fences become code blocks
             html = page.evaluate("renderMessage('a <b>x</b> `y`\\n```python\\nif a < b:\\n    print(\"<i>\")\\n```\\nok')")

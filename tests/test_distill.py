@@ -6,7 +6,6 @@ scripts/chat_distill end to end on CPU (base mode with a teacher, the from-scrat
 interrupt + resume, reasoning mode, a mismatched teacher) on tiny models in a temp base dir.
 Run: nice -n 10 python -m pytest tests/test_distill.py -q
 """
-import ast
 import dataclasses
 import json
 import os
@@ -27,6 +26,7 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.dataset import parquets_iter_batched
 from nanochat.distill import chunked_distill_loss, distill_loss, lm_head_input, model_distill_loss, token_weights
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.reply import ReplyDecoder
 from nanochat.tasks.reasoning import Reasoning, addition_trace, count_trace, multiplication_trace, split_thinking
 from nanochat.tokenizer import RustBPETokenizer, tokenizer_fingerprint
 
@@ -202,39 +202,22 @@ def test_reasoning_traces_are_correct_and_rendered_with_think_tokens(tokenizer):
     assert (w[y < 0] == 0).all()
 
 
-def reply_printer(tokenizer):
-    """chat_cli's ReplyPrinter, taken from the script's source (the script runs on import)."""
-    path = os.path.join(REPO, "scripts", "chat_cli.py")
-    cls = next(n for n in ast.parse(open(path, encoding="utf-8").read()).body
-               if isinstance(n, ast.ClassDef) and n.name == "ReplyPrinter")
-    special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-    ns = {"tokenizer": tokenizer, "special": special, "bos": tokenizer.get_bos_token_id(),
-          "assistant_end": special["<|assistant_end|>"]}
-    exec(compile(ast.Module([cls], []), path, "exec"), ns)
-    return ns["ReplyPrinter"], special
-
-
-def test_cli_open_thinking_shows_or_hides_the_think_block(tokenizer, capsys):
-    ReplyPrinter, special = reply_printer(tokenizer)
+def test_reply_decoder_shows_or_hides_the_think_block(tokenizer):
+    """What chat_cli prints of a reasoning reply (nanochat.reply, --open_thinking)."""
     conv = {"conversations": [{"role": "user", "content": "What is 347 + 589?"},
                               {"role": "assistant", "content": f"<think>{addition_trace(347, 589)}</think>The answer is 936."}]}
     ids, _ = tokenizer.render_conversation(conv)
-    reply_ids = ids[ids.index(special["<|assistant_start|>"]) + 1:]
+    reply_ids = ids[ids.index(tokenizer.encode_special("<|assistant_start|>")) + 1:]
     outputs = {}
-    for open_thinking in (False, True):
-        printer = ReplyPrinter(open_thinking)
-        for tok in reply_ids:
-            printer.add(tok)
-        printer.finish()
-        outputs[open_thinking] = capsys.readouterr().out
-    assert outputs[False] == "The answer is 936.\n"
-    assert outputs[True] == f"<think>{addition_trace(347, 589)}</think>\nThe answer is 936.\n"
-    # a reply cut off inside the hidden block says so instead of printing nothing
-    printer = ReplyPrinter()
-    for tok in reply_ids[:10]:
-        printer.add(tok)
-    printer.finish()
-    assert "thinking not finished" in capsys.readouterr().out
+    for show in (False, True):
+        decoder = ReplyDecoder(tokenizer, show_thinking=show)
+        outputs[show] = "".join(decoder.add(t) for t in reply_ids) + decoder.finish()
+    assert outputs[False] == "The answer is 936."
+    assert outputs[True] == f"<think>{addition_trace(347, 589)}</think>\nThe answer is 936."
+    # a reply cut off inside the hidden block: nothing shown, and the decoder knows it is still thinking
+    decoder = ReplyDecoder(tokenizer, show_thinking=False)
+    assert "".join(decoder.add(t) for t in reply_ids[:10]) + decoder.finish() == ""
+    assert decoder.thinking
 
 
 # ----------------------------------------------------------------------------- chat_distill end to end

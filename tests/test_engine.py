@@ -11,8 +11,11 @@ fixed script, and one tiny rustbpe tokenizer trained in-process on a fixed strin
 import pytest
 import torch
 
-from nanochat.engine import FINISHED, Engine, apply_repetition_penalty, calculator, sample_next_token
+from nanochat.engine import FINISHED, Engine, Sequence, apply_repetition_penalty, sample_next_token
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.kv_cache import KVCache
+from nanochat.reply import ReplyDecoder
+from nanochat.tools import calculator
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119]
@@ -64,15 +67,18 @@ def model():
 
 def uncached_generate(model, prompt, num_samples, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=42):
     """The reference: recompute the full sequence every step, sample with the same helper and
-    an identically seeded generator."""
-    rng = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([prompt] * num_samples)
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            logits = model(ids)[:, -1, :]
-            nxt = sample_next_token(logits, rng, temperature, top_k, top_p)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-    return ids[:, len(prompt):].tolist()
+    identically seeded generators (sample i: seed + i, as the engine does)."""
+    out = []
+    for i in range(num_samples):
+        rng = torch.Generator().manual_seed(seed + i)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                logits = model(ids)[:, -1, :]
+                nxt = sample_next_token(logits, rng, temperature, top_k, top_p)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+        out.append(ids[0, len(prompt):].tolist())
+    return out
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -122,6 +128,18 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1, 2}
 
 
+def test_top_k_samples_the_renormalised_distribution_per_row():
+    # top-k draws among the k largest only: their probabilities renormalised, mapped back to vocab ids
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.3, 0.05, 0.15, 0.5]])
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(probs.log(), rng, top_k=2) for _ in range(4000)])  # (4000, 2)
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0, 3}
+    assert abs((draws[:, 0] == 1).float().mean().item() - 0.625) < 0.03  # 0.5 / (0.5 + 0.3)
+    assert abs((draws[:, 1] == 3).float().mean().item() - 0.625) < 0.03
+    cold = torch.stack([sample_next_token(probs.log(), rng, temperature=0.5, top_k=2) for _ in range(4000)])
+    assert abs((cold[:, 0] == 1).float().mean().item() - 0.25 / 0.34) < 0.03  # p^2 renormalised: 0.5^2 / (0.5^2 + 0.3^2)
+
+
 def test_repetition_penalty_hand_made():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[True, True, False, False]])
@@ -152,12 +170,13 @@ class ScriptedModel:
     def get_device(self):
         return torch.device("cpu")
 
-    def __call__(self, ids, kv_cache):
+    def __call__(self, ids, kv_cache, logits_at=None):  # the logits are set at the last position either way
         B, T = ids.shape
+        ends = [kv_cache.end(T)] * B if isinstance(kv_cache, KVCache) else (kv_cache.pos[:B] + T).tolist()
         kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
-        i = kv_cache.get_pos() - self.prompt_len  # index of the token to predict
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b in range(B):
+            i = ends[b] - self.prompt_len  # index of the token to predict
             script = self.scripts[min(b, len(self.scripts) - 1)]
             logits[b, -1, script[min(i, len(script) - 1)]] = 10.0
         return logits
@@ -234,10 +253,95 @@ def test_calculator_refuses(expr):
     assert calculator(expr) is None
 
 
-def test_stream_text_holds_back_split_characters():
-    # "é" is two bytes, i.e. two tokens of the byte tokenizer: never printed half
-    tok = ByteTokenizer()
-    script = [*tok.encode("aé€b"), tok.encode_special("<|assistant_end|>")]
-    engine = Engine(ScriptedModel([script], 1, 1100), tok)
-    pieces = list(engine.stream_text([1], max_tokens=50, temperature=0.0))
-    assert pieces == ["a", "é", "€", "b"]
+def test_reply_decoder_holds_back_split_characters_and_shows_tool_calls(tok):
+    # "é" is two bytes, i.e. two tokens of the byte tokenizer: never shown half
+    byte_tok = ByteTokenizer()
+    decoder = ReplyDecoder(byte_tok)
+    pieces = [decoder.add(t) for t in [*byte_tok.encode("aé€b"), byte_tok.encode_special("<|assistant_end|>")]]
+    assert [p for p in pieces if p] == ["a", "é", "€", "b"] and decoder.done
+    sp = tok.encode_special
+    decoder = ReplyDecoder(tok)
+    ids = [*tok.encode("Let me compute."), sp("<|python_start|>"), *tok.encode("12 + 30"), sp("<|python_end|>"),
+           sp("<|output_start|>"), *tok.encode("42"), sp("<|output_end|>"), *tok.encode(" The answer is 42.")]
+    assert "".join(decoder.add(t) for t in ids) + decoder.finish() == \
+        "Let me compute.[calc: 12 + 30 = 42] The answer is 42."
+
+
+def test_an_unclosed_tool_call_never_shows_special_tokens(tok):
+    # seen on the CPU RL model: a call the model never closed printed "<|assistant_end|>" in the reply
+    sp = tok.encode_special
+    decoder = ReplyDecoder(tok)
+    ids = [*tok.encode("hello"), sp("<|python_start|>"), *tok.encode("the answer"), sp("<|assistant_end|>"),
+           *tok.encode("more")]
+    text = "".join(decoder.add(t) for t in ids) + decoder.finish()
+    assert text == "hello[calc: the answer = ?]" and "<|" not in text
+    hidden = ReplyDecoder(tok, show_thinking=False)
+    ids = [sp("<think>"), *tok.encode("hmm"), sp("</think>"), *tok.encode("42"), sp("<|user_start|>")]
+    assert "".join(hidden.add(t) for t in ids) + hidden.finish() == "42"
+    shown = ReplyDecoder(tok)
+    assert "".join(shown.add(t) for t in ids) + shown.finish() == "<think>hmm</think>\n42"
+
+
+# ----------------------------------------------------------------------------- continuous batching
+@pytest.mark.parametrize("max_step_tokens", [40, 1024])
+def test_greedy_output_is_the_same_alone_and_among_31_others(model, max_step_tokens):
+    """Sequences of different lengths decoded together, joining and leaving at different steps:
+    each one's greedy tokens equal its tokens when it runs alone (fp32, CPU). With 40 tokens per
+    step the prefills spread over steps (a few short prompts per forward); with 1024 all 32
+    prompts are prefilled together in the first forward, right-padded."""
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + (5 * i) % 23)] for i in range(32)]
+    lengths = [8 + (11 * i) % 25 for i in range(32)]
+    alone = []
+    for p, n in zip(prompts, lengths):
+        seq = Sequence(p, n, temperature=0.0)
+        Engine(model, ByteTokenizer(), max_batch_size=1).run([seq])
+        alone.append(seq.tokens)
+    together = [Sequence(p, n, temperature=0.0) for p, n in zip(prompts, lengths)]
+    engine = Engine(model, ByteTokenizer(), max_batch_size=32, max_step_tokens=max_step_tokens)
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    try:
+        engine.run(together)
+    finally:
+        hook.remove()
+    assert [s.tokens for s in together] == alone
+    if max_step_tokens == 1024:
+        assert calls[0] == (32, max(len(p) for p in prompts))  # one forward prefilled them all
+        assert len(calls) == 1 + max(lengths) - 1  # then one decode forward per step
+    assert all(len(s.tokens) == n and s.finish_reason == "length" for s, n in zip(together, lengths))
+    assert not engine.rows and not engine.waiting
+
+
+def test_per_sequence_settings_seed_and_logprobs(model):
+    engine = Engine(model, ByteTokenizer(), max_batch_size=8)
+    a = Sequence(PROMPT, 12, temperature=1.0, seed=5, logprobs=3)
+    b = Sequence(PROMPT, 12, temperature=0.0, logprobs=0)
+    c = Sequence(PROMPT[:3], 5, temperature=1.0, top_k=1)  # top-k 1 is greedy
+    engine.run([a, b, c])
+    assert b.tokens == uncached_generate(model, PROMPT, 1, 12)[0]
+    assert c.tokens == uncached_generate(model, PROMPT[:3], 1, 5)[0]
+    assert a.tokens == uncached_generate(model, PROMPT, 1, 12, temperature=1.0, seed=5)[0]
+    with torch.no_grad():  # logprobs are the model's own log-softmax at each position
+        logits = model(torch.tensor([PROMPT + b.tokens]))[0, len(PROMPT) - 1:-1]
+    logp = torch.log_softmax(logits, dim=-1)
+    assert all(abs(lp - float(logp[i, t])) < 1e-4 for i, (t, lp, top) in enumerate(b.token_logprobs))
+    assert all(len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] for _, _, top in a.token_logprobs)
+
+
+def test_stop_strings_cancel_and_prefill_chunks(tok):
+    a, b, c = tok.encode("abc")
+    text_ids = tok.encode("The answer is 42. hello world")
+    script = [*text_ids, tok.encode_special("<|assistant_end|>")]
+    engine = Engine(ScriptedModel([script], 3, tok.get_vocab_size()), tok, max_step_tokens=2)  # a 3-token prompt: 2 steps
+    events = []
+    seq = Sequence([a, b, c], 50, temperature=0.0, stop=["42."], on_event=lambda *e: events.append(e))
+    engine.run([seq])
+    assert seq.text == "The answer is " and seq.finish_reason == "stop" and events[-1] == ("done", "stop")
+    assert "".join(p for kind, p in events if kind == "text") == "The answer is "
+    gone = Sequence([a, b, c], 50, temperature=0.0)
+    engine.submit([gone])
+    engine.step()
+    gone.cancel()
+    engine.step()
+    assert gone.finish_reason == "cancelled" and not engine.rows
+

@@ -115,6 +115,18 @@ def test_standard_library_only_unless_packages_are_asked_for(mechanism):
     assert "No module named 'nanochat'" in run(mechanism, "import nanochat", packages=True).error
 
 
+def test_guards_hold_however_the_module_is_reached(mechanism):
+    # socket, shutil and subprocess are guarded as the code imports them (not up front, which would
+    # more than double the start-up time): directly, through the C module, or inside another module
+    for code in ("import _socket\n_socket.socket()", "import _socket, socket\nsocket.socket()",
+                 "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9', timeout=1)"):
+        r = run(mechanism, code)
+        assert not r.success and BLOCKED in r.error, (code, r.error)
+    r = run(mechanism, "import subprocess, shutil\nprint(subprocess.list2cmdline(['a', 'b']))\nshutil.rmtree('x')")
+    assert r.stdout == "a b\n" and r.error == "PermissionError: shutil.rmtree is disabled in the sandbox"
+    assert "halted" in run(mechanism, "import signal").error  # still blocked after subprocess needed it
+
+
 def test_python_guards_remain_as_a_second_layer(mechanism):
     code = ("import os, subprocess\n"
             "for f in (lambda: os.fork(), lambda: subprocess.run(['true']), lambda: os.system('true')):\n"

@@ -68,6 +68,18 @@ def test_forward_shapes_and_initial_loss():
     assert loss.ndim == 0 and abs(loss.item() - math.log(VOCAB)) < 0.05
 
 
+def test_logits_at_picks_one_position_per_row():
+    model = make_model()
+    with torch.no_grad():  # the zero-initialised lm_head would make every row equal
+        model.lm_head.weight.normal_(0, 0.5)
+    idx = torch.randint(0, VOCAB, (3, 16))
+    positions = torch.tensor([15, 0, 7])
+    full, picked = model(idx), model(idx, logits_at=positions)
+    assert picked.shape == (3, 1, VOCAB)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), positions], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(picked[0, 0], picked[1, 0])
+
+
 def test_softcap_bounds_large_logits():
     model = make_model()
     with torch.no_grad():

@@ -64,13 +64,10 @@ def last_number(text: str) -> str | None:
 
 def accuracy(task, engine, max_tokens, indices=None) -> float:
     """Fraction of the task's problems (or of `indices`) the model answers right, replying
-    greedily with engine.complete (tools included): the held-out accuracy of the training stages."""
-    indices = range(len(task)) if indices is None else indices
-    correct = 0
-    for i in indices:
-        conversation = task.get(i)
-        correct += bool(task.evaluate(conversation, engine.complete(conversation, max_tokens)))
-    return correct / max(1, len(indices))
+    greedily with engine.complete_many (tools included): the held-out accuracy of the training stages."""
+    conversations = [task.get(i) for i in (range(len(task)) if indices is None else indices)]
+    replies = engine.complete_many(conversations, max_tokens)  # decoded together
+    return sum(bool(task.evaluate(c, r)) for c, r in zip(conversations, replies)) / max(1, len(conversations))
 
 
 def last_assistant_text(conversation) -> str:
