@@ -12,35 +12,58 @@ import torch.distributed as dist
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
+    """Bad input data; the message names the file, line and field. `reason` is the short name the
+    cleaning pass (nanochat.clean_data) counts such a row under, e.g. "malformed_json"."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_jsonl_line(raw: bytes, where: str):
+    """One JSONL line -> its object, or None for a blank line. `where` ('file: line N') starts the
+    DataError of a line that is not UTF-8, not JSON or not a JSON object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})", "not_utf8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", "not_an_object")
+    return obj
+
+
+def open_input(path):
+    """A user's file opened for reading bytes; DataError naming it when it cannot be opened."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def iter_jsonl(path):
+    """Stream (line number, object) of a JSONL file's non-blank lines, in constant memory. A DataError
+    names the file (and the line) when it cannot be opened, a line is not UTF-8, not JSON or not an
+    object, or there is no line at all (raised at the end)."""
+    empty = True
+    with open_input(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            obj = parse_jsonl_line(raw, f"{path}: line {lineno}")
+            if obj is not None:
+                empty = False
+                yield lineno, obj
+    if empty:
+        raise DataError(f"{path}: empty file (no JSON lines)")
 
 
 def read_jsonl(path):
-    """[(line number, object)] of a JSONL file's non-blank lines. A DataError names the file (and the
-    line) when it cannot be opened, a line is not UTF-8, not JSON or not an object, or there is none."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    rows = []
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    if not rows:
-        raise DataError(f"{path}: empty file (no JSON lines)")
-    return rows
+    """[(line number, object)] of a JSONL file's non-blank lines (iter_jsonl, all in memory)."""
+    return list(iter_jsonl(path))
 
 
 def get_base_dir() -> str:
