@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, package_data
+from nanochat import dataset, package_data, shards
 from nanochat.dataset import DataError
 
 REAL_CACHE = os.path.join(os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat"), "package_cache")
@@ -119,16 +119,16 @@ def test_failure_mid_write_leaves_old_corpus_and_no_temp(tmp_path, base, monkeyp
     dataset.main([f"--input={good}"])
     data_dir = base / "base_data"
     before = {p: (data_dir / p).read_bytes() for p in os.listdir(data_dir)}
-    real_write, calls = dataset.write_shard, []
+    real_write, calls = shards.write_row_group, []
 
-    def failing_write(path, docs):
-        calls.append(path)
-        real_write(path, docs)
+    def failing_write(writer, docs):
+        calls.append(docs)
+        real_write(writer, docs)
         if len(calls) == 2:
             raise OSError("disk full")
-    monkeypatch.setattr(dataset, "write_shard", failing_write)
-    monkeypatch.setattr(dataset, "ROW_GROUP_DOCS", 2)
-    monkeypatch.setattr(dataset, "SHARD_CHARS", 50)  # several train shards, so the 2nd write is mid-build
+    monkeypatch.setattr(shards, "write_row_group", failing_write)
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 2)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 50)  # several train shards, so the 2nd write is mid-build
     with pytest.raises(OSError, match="disk full"):
         dataset.main([f"--input={parquet}"])
     assert {p: (data_dir / p).read_bytes() for p in os.listdir(data_dir)} == before
@@ -136,8 +136,8 @@ def test_failure_mid_write_leaves_old_corpus_and_no_temp(tmp_path, base, monkeyp
 
 
 def build_small(tmp_path, monkeypatch, n_docs=500):
-    monkeypatch.setattr(dataset, "ROW_GROUP_DOCS", 16)
-    monkeypatch.setattr(dataset, "SHARD_CHARS", 2000)
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 16)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 2000)
     docs = [("src" + str(i % 3), f"document number {i} " + "x" * (i % 37)) for i in range(n_docs)]
     stats = dataset.build(docs, str(tmp_path / "data"), val_fraction=0.1)
     return tmp_path / "data", docs, stats
