@@ -64,8 +64,8 @@ class Settings(NamedTuple):
 # One row (in the workers)
 
 def parse_record(kind, raw, where):
-    """A raw line -> (record in our form, its text for keys and checks, the object as read), or
-    None for a blank line; DataError (with its reason) for a bad one."""
+    """A raw line -> (record in our form, the object as read, its messages or None), or None for a
+    blank line; DataError (with its reason) for a bad one."""
     obj = parse_jsonl_line(raw, where)
     if obj is None:
         return None
@@ -73,20 +73,28 @@ def parse_record(kind, raw, where):
         text = check_text_row(obj, where)
         if not text.strip():
             raise DataError(f'{where}: field "text" is empty', "empty_content")
-        return text, text, obj
+        return text, obj, None
     if kind == "dpo":
         pair = check_preference_pair(obj, where)
         chosen, rejected = (pair[side]["conversations"] for side in ("chosen", "rejected"))
         if chosen[-1]["content"] == rejected[-1]["content"]:
             raise DataError(f"{where}: field 'rejected': the same reply as 'chosen'", "identical_pair")
-        return pair, conversation_text(chosen) + "\n" + conversation_text(rejected[-1:]), obj
+        return pair, obj, chosen + rejected[-1:]
     conversation = check_conversation(obj, where, require_think=kind == "reasoning")
-    return conversation, conversation_text(conversation["conversations"]), obj
+    return conversation, obj, conversation["conversations"]
 
 
-def conversation_text(messages):
-    return "\n".join(f"{m['role']}: " + (m["content"] if isinstance(m["content"], str) else
-                                         json.dumps(m["content"], ensure_ascii=False)) for m in messages)
+def content_text(content):
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+
+
+def record_texts(record, messages):
+    """(text for the duplicate key: roles included, text of the content alone: for the checks and
+    the language mix) of a record."""
+    if messages is None:
+        return record, record
+    contents = [content_text(m["content"]) for m in messages]
+    return "\n".join(f"<{m['role']}> {c}" for m, c in zip(messages, contents)), "\n".join(contents)
 
 
 def record_length(kind, record, tokenizer):
@@ -146,7 +154,8 @@ def clean_chunk(chunk, first_lineno, path):
         if parsed is None:
             out["blank"] += 1
             continue
-        record, text, obj = parsed
+        record, obj, messages = parsed
+        key_text, text = record_texts(record, messages)
         if any(marker in raw for marker in _SUSPECT) and garbage_fraction(text) > s.max_garbage:
             drop(lineno, "garbage_text", f"{where}: {100 * garbage_fraction(text):.0f}% mojibake, replacement or control "
                                          f"characters (more than --max_garbage={s.max_garbage})")
@@ -163,7 +172,7 @@ def clean_chunk(chunk, first_lineno, path):
         if rewritten is not None:
             out["rewritten"][rel] = rewritten
         out["rows"].append(rel)
-        out["keys"].append(text_key(text))
+        out["keys"].append(text_key(key_text))
         if s.near_dup:
             out["bands"].append(minhash_bands(text))
         out["lengths"].append(length)
