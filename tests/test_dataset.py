@@ -184,6 +184,33 @@ def test_shards_mix_sources_and_row_groups(tmp_path, monkeypatch):
     assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_build_holds_a_bounded_number_of_documents(tmp_path, monkeypatch):
+    """Whatever the input's length, the builder holds at most a batch being read, the shuffle
+    window, a row group and the val heaps: documents leave for the shards as they come in."""
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 32)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 20_000)
+    monkeypatch.setattr(shards, "SHUFFLE_CHARS", 5_000)
+    monkeypatch.setattr(shards, "VAL_MAX_DOCS", 8)
+    read, written, held = [0], [0], [0]
+
+    def docs():
+        for i in range(20_000):
+            read[0] += 1
+            yield f"src{i % 2}", f"document {i} " + "y" * (i % 50)  # at least 11 characters
+    real_write = shards.write_row_group
+
+    def counting_write(writer, rows):
+        held[0] = max(held[0], read[0] - written[0])
+        real_write(writer, rows)
+        written[0] += len(rows)
+    monkeypatch.setattr(shards, "write_row_group", counting_write)
+    stats = shards.build(docs(), str(tmp_path / "data"), val_fraction=0.01)
+    assert 100 < held[0] <= 32 + 5_000 // 11 + 1 + 32 + 2 * 8, held[0]  # not 20,000
+    texts = [r["text"] for r in read_split(tmp_path / "data", "train") + read_split(tmp_path / "data", "val")]
+    assert len(texts) == 20_000 and len(set(texts)) == 20_000  # every document, once
+    assert [stats[s]["val_docs"] for s in ("src0", "src1")] == [8, 8] and len(dataset.list_parquet_files("train", str(tmp_path / "data"))) > 5
+
+
 def test_too_few_documents(tmp_path):
     with pytest.raises(DataError, match="too few documents"):
         dataset.build([("a", "only one")], str(tmp_path / "x"))
