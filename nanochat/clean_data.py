@@ -397,6 +397,9 @@ def clean_file(path, out, settings, seen, near_seen=None, strict=False, pool=Non
         if not tally.kept:
             raise DataError(f"{path}: nothing left after cleaning: all {sum(tally.removed.values()):,} rows removed ("
                             + ", ".join(f"{r} {n:,}" for r, n in tally.removed.most_common()) + ")")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # atomic_open's temp file is private; the output is an ordinary file
     report = build_report(path, out, settings, tally, strict, near_seen is not None, time.time() - t0)
     with atomic_open(report_path(out), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
