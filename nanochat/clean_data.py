@@ -517,7 +517,8 @@ def main(argv=None):
             log_report_section(report)
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # the work is done (or failed): stop the workers and reap them
+            pool.join()
     return 0
 
 

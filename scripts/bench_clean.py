@@ -89,13 +89,18 @@ with open(path, "rb") as f:
 peer = mb / (time.time() - t0)
 print(f"plain json.loads loop, 1 process: {peer:6.1f} MB/s ({rows:,} rows parse)")
 
+def cpu_seconds():  # this process and its reaped children (the pool's workers, once it is closed)
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 out = os.path.join(out_dir, os.path.basename(clean_data.default_output(path)))
-t0 = time.time()
+t0, cpu0 = time.time(), cpu_seconds()
 clean_data.main([path, f"--kind={kind}", f"--out={out}", f"--workers={workers}"])
-ours = mb / (time.time() - t0)
+ours, cpu = mb / (time.time() - t0), cpu_seconds() - cpu0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"nanochat.clean_data, {workers} workers: {ours:6.1f} MB/s ({ours / peer:.2f}x the plain loop; "
-      f"peak RSS of this process {peak:,.0f} MB, the peer's lines included)")
+print(f"nanochat.clean_data, {workers} workers: {ours:6.1f} MB/s ({ours / peer:.2f}x the plain loop; {mb / cpu:.1f} MB "
+      f"per CPU-second, all processes; peak RSS of this process {peak:,.0f} MB, the peer's lines included)")
 if not keep:
     for p in ([path] if not data_path else []) + [out, clean_data.report_path(out), clean_data.histogram_path(out)]:
         if os.path.exists(p):
