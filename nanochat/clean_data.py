@@ -186,10 +186,6 @@ def clean_chunk(chunk, first_lineno, path):
     return out
 
 
-def _clean_chunk_here(args):
-    return clean_chunk(*args)
-
-
 # -----------------------------------------------------------------------------
 # The file (in the main process)
 
@@ -214,16 +210,16 @@ def read_chunks(f, chunk_bytes=CHUNK_BYTES):
 
 def in_order(chunks, path, pool, window):
     """(chunk, first line, result) for each chunk, in file order, at most `window` in flight."""
+    def finish(chunk, first, job):
+        return chunk, first, job.get() if pool else clean_chunk(*job)
     pending = collections.deque()
     for chunk, first in chunks:
         args = (chunk, first, path)
         pending.append((chunk, first, pool.apply_async(clean_chunk, args) if pool else args))
-        while len(pending) >= window:
-            chunk, first, job = pending.popleft()
-            yield chunk, first, job.get() if pool else _clean_chunk_here(job)
-    while pending:
-        chunk, first, job = pending.popleft()
-        yield chunk, first, job.get() if pool else _clean_chunk_here(job)
+        if len(pending) >= window:
+            yield finish(*pending.popleft())
+    for job in pending:
+        yield finish(*job)
 
 
 class LengthHistogram:
