@@ -1,12 +1,12 @@
 """
 Writing the pretraining corpus (nanochat/dataset.py reads it): (source, text) documents streamed
-in, parquet shards out, in memory that does not grow with the input. A 2 GB JSONL builds in well
-under 1 GB (README: Performance).
+in, parquet shards out, in memory that does not grow with the input: a 2 GB JSONL builds in
+257 MB (README: Performance).
 
   - duplicates: exact, by dedup.text_key (whitespace collapsed), in a KeySet: 8 bytes a document;
-  - val split: per source, the val_target(n) documents with the smallest key. A heap per source
-    holds them while the stream passes (at most VAL_MAX_DOCS each); stable across runs and
-    independent of the input's order of documents beyond ties;
+  - val split: per source, val_target(n) documents of small key: a max-heap per source (at most
+    VAL_MAX_DOCS each) keeps the smallest keys while the stream passes, sending the largest to
+    train as the target allows (so the count is exact and the same input gives the same split);
   - shuffle: train documents wait in a ShuffleBuffer of SHUFFLE_CHARS characters and leave in
     random order into row groups of ROW_GROUP_DOCS, shards of about SHARD_CHARS; the shards are
     then named in a shuffled order. Documents further apart in the input than the window meet only
