@@ -28,6 +28,7 @@ config = configure(globals())
 import json
 import random
 import resource
+import shutil
 import tempfile
 import time
 
@@ -66,7 +67,7 @@ def generate(path, size_mb, bad_percent, seed=0):
     return planted
 
 
-os.environ["NANOCHAT_REPORT_DIR"] = tempfile.mkdtemp(prefix="bench_clean-report-")  # not the real report card
+report_dir = os.environ["NANOCHAT_REPORT_DIR"] = tempfile.mkdtemp(prefix="bench_clean-report-")  # not the real report card
 path = data_path or os.path.join(out_dir, f"bench_clean_{size_mb}mb.jsonl")
 if not data_path:
     t0 = time.time()
@@ -101,6 +102,7 @@ ours, cpu = mb / (time.time() - t0), cpu_seconds() - cpu0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"nanochat.clean_data, {workers} workers: {ours:6.1f} MB/s ({ours / peer:.2f}x the plain loop; {mb / cpu:.1f} MB "
       f"per CPU-second, all processes; peak RSS of this process {peak:,.0f} MB, the peer's lines included)")
+shutil.rmtree(report_dir)
 if not keep:
     for p in ([path] if not data_path else []) + [out, clean_data.report_path(out), clean_data.histogram_path(out)]:
         if os.path.exists(p):
