@@ -26,8 +26,10 @@ usage: bash speedrun.sh [--plan] [--smoke-test] [--skip-pretrain] [--force-pretr
 environment:
   NANOCHAT_BASE_DIR          data, tokenizer, checkpoints, logs, report (default ~/.cache/nanochat)
   PRETRAIN_JSON              your pretraining text: .jsonl {"text": ...} (or .parquet/.txt), comma-separated
-  SFT_JSON                   your conversations (MiniMind JSONL) added to SFT
-  DPO_JSON                   your preference pairs {"prompt", "chosen", "rejected"} for DPO
+  SFT_JSON                   your conversations (MiniMind JSONL, <think> traces too) added to SFT
+  DPO_JSON                   your preference pairs for DPO: {"prompt", "chosen", "rejected"} or MiniMind's dpo.jsonl
+                             (each .jsonl is cleaned first: stages clean_pretrain / clean_sft / clean_dpo write
+                             <base>/clean/<kind>/<name>.clean.jsonl and a report section; training reads those)
   USE_MOE=true               pretrain a mixture-of-experts model
   DEPTH                      model depth (overrides the config's)
   WANDB_RUN                  wandb run name (default: no wandb)
@@ -110,7 +112,7 @@ gpu_base_args() {  # BASE_ARGS, TAG and the data-reading options from the PLAN_*
 DATA_DIR_ARGS=()
 case "$MODE" in
   smoke)
-    DATA_ARGS=(--max_docs=64); VOCAB=2048; TAG=d2
+    DATA_ARGS=(--max_docs=64); VOCAB=2048; TAG=d2; CTX=64
     BASE_ARGS=(configs/smoke.py)
     EVAL_ARGS=(--max_per_task=8); BPB_ARGS=(--split_tokens=4096 --device_batch_size=4)
     MID_ARGS=(--device_batch_size=4 --target_examples_per_step=8 --num_iterations=4 --eval_every=4 --eval_examples=8
@@ -120,7 +122,7 @@ case "$MODE" in
     DPO_ARGS=(configs/smoke_dpo.py); RL_ARGS=(configs/smoke_rl.py)
     CHAT_EVAL_ARGS=(--max_problems=8 --max_new_tokens=48) ;;
   cpu)
-    DATA_ARGS=(); VOCAB=8192; TAG=d4
+    DATA_ARGS=(); VOCAB=8192; TAG=d4; CTX=256
     BASE_ARGS=(configs/cpu.py)
     EVAL_ARGS=(--max_per_task=100); BPB_ARGS=(--split_tokens=262144)
     MID_ARGS=(configs/cpu_mid.py); SFT_ARGS=(configs/cpu_sft.py)
@@ -130,7 +132,7 @@ case "$MODE" in
     plan_shell=$("$PY" -m nanochat.plan "${PLAN_ARGS[@]}" --shell)  # probes the web sources (seconds)
     eval "$plan_shell"
     gpu_base_args
-    DATA_ARGS=()
+    DATA_ARGS=(); CTX=2048
     EVAL_ARGS=(--max_per_task=0); BPB_ARGS=()
     MID_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); RL_ARGS=(); CHAT_EVAL_ARGS=() ;;
 esac
@@ -140,8 +142,19 @@ MOE_ARGS=()
 if [ "${USE_MOE:-false}" = true ]; then  # base_train tags MoE runs d<depth>_moe<experts>x<top-k>
   MOE_ARGS=(--n_experts=4 --experts_per_token=1)  # 4x the MLP weights, same active
 fi
-[ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$SFT_JSON")
-[ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$DPO_JSON")
+# The user's JSONL files are cleaned (nanochat.clean_data) into $CLEAN_DIR; the stages read those.
+CLEAN_DIR="$BASE/clean"
+cleaned() { local name; name=$(basename "$2"); echo "$CLEAN_DIR/$1/${name%.jsonl}.clean.jsonl"; }  # cleaned KIND FILE
+PRETRAIN_JSONL=(); PRETRAIN_INPUT=""
+if [ -n "${PRETRAIN_JSON:-}" ]; then
+  IFS=, read -ra pretrain_files <<< "$PRETRAIN_JSON"
+  for f in "${pretrain_files[@]}"; do  # .parquet / .txt go to the data stage as they are
+    if [[ "$f" == *.jsonl ]]; then PRETRAIN_JSONL+=("$f"); f=$(cleaned pretrain "$f"); fi
+    PRETRAIN_INPUT="${PRETRAIN_INPUT:+$PRETRAIN_INPUT,}$f"
+  done
+fi
+[ -n "${SFT_JSON:-}" ] && SFT_ARGS+=("--data_path=$(cleaned sft "$SFT_JSON")")
+[ -n "${DPO_JSON:-}" ] && DPO_ARGS+=("--data_path=$(cleaned dpo "$DPO_JSON")")
 WANDB=(); [ -n "${WANDB_RUN:-}" ] && WANDB=("--run=$WANDB_RUN")
 
 if [ "$PLAN_ONLY" = 1 ]; then
@@ -206,7 +219,10 @@ if [ "$MODE" = gpu ] && [ "$PLAN_DATA" = web ]; then
 else
   if [ "$MODE" = gpu ]; then echo "[speedrun] no web data ($PLAN_WHY_OFFLINE): the offline corpus, a model sized to it"; fi
   if [ -n "${PRETRAIN_JSON:-}" ]; then
-    run_stage data "$PY" -m nanochat.dataset "--input=$PRETRAIN_JSON" "${DATA_ARGS[@]}"
+    if [ "${#PRETRAIN_JSONL[@]}" -gt 0 ]; then
+      run_stage clean_pretrain "$PY" -m nanochat.clean_data --kind=pretrain "--out_dir=$CLEAN_DIR/pretrain" "${PRETRAIN_JSONL[@]}"
+    fi
+    run_stage data "$PY" -m nanochat.dataset "--input=$PRETRAIN_INPUT" "${DATA_ARGS[@]}"
   else
     run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
   fi
@@ -217,6 +233,16 @@ else
     gpu_base_args
     [ "${USE_MOE:-false}" = true ] && TAG="${TAG}_moe4x1"
   fi
+fi
+
+# ----------------------------------------------------------------------------- cleaning the chat data
+# before pretraining, so a bad file stops the run in seconds, not hours; after the tokenizer, so
+# conversations longer than the context ($CTX tokens) are dropped rather than cut
+if [ -n "${SFT_JSON:-}" ]; then
+  run_stage clean_sft "$PY" -m nanochat.clean_data --kind=sft "--max_tokens=$CTX" "--out_dir=$CLEAN_DIR/sft" "$SFT_JSON"
+fi
+if [ -n "${DPO_JSON:-}" ]; then
+  run_stage clean_dpo "$PY" -m nanochat.clean_data --kind=dpo "--max_tokens=$CTX" "--out_dir=$CLEAN_DIR/dpo" "$DPO_JSON"
 fi
 
 # ----------------------------------------------------------------------------- pretraining

@@ -7,40 +7,63 @@ import os
 import random
 import tempfile
 
-import torch
-import torch.distributed as dist
+# torch is imported inside the functions that use it: the data tools (nanochat.dataset, clean_data)
+# use this module without it, and importing torch alone costs ~650 MB of RSS and a second or two.
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
+    """Bad input data; the message names the file, line and field. `reason` is the short name the
+    cleaning pass (nanochat.clean_data) counts such a row under, e.g. "malformed_json"."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_jsonl_line(raw: bytes, where: str):
+    """One JSONL line -> its object, or None for a blank line. `where` ('file: line N') starts the
+    DataError of a line that is not UTF-8, not JSON or not a JSON object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})", "not_utf8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}", "not_an_object")
+    return obj
+
+
+def open_input(path):
+    """A user's file opened for reading bytes; DataError naming it when it cannot be opened."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def iter_jsonl(path):
+    """Stream (line number, object) of a JSONL file's non-blank lines, in constant memory. A DataError
+    names the file (and the line) when it cannot be opened, a line is not UTF-8, not JSON or not an
+    object, or there is no line at all (raised at the end)."""
+    empty = True
+    with open_input(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            obj = parse_jsonl_line(raw, f"{path}: line {lineno}")
+            if obj is not None:
+                empty = False
+                yield lineno, obj
+    if empty:
+        raise DataError(f"{path}: empty file (no JSON lines)")
 
 
 def read_jsonl(path):
-    """[(line number, object)] of a JSONL file's non-blank lines. A DataError names the file (and the
-    line) when it cannot be opened, a line is not UTF-8, not JSON or not an object, or there is none."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    rows = []
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    if not rows:
-        raise DataError(f"{path}: empty file (no JSON lines)")
-    return rows
+    """[(line number, object)] of a JSONL file's non-blank lines (iter_jsonl, all in memory)."""
+    return list(iter_jsonl(path))
 
 
 def get_base_dir() -> str:
@@ -60,6 +83,7 @@ def print0(*args, **kwargs):
 
 def autodetect_device_type() -> str:
     """"cuda" if a CUDA GPU is visible, else "mps" (Apple silicon), else "cpu"."""
+    import torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -67,8 +91,9 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def compute_dtype(device_type: str) -> torch.dtype:
+def compute_dtype(device_type: str):
     """bf16 on CUDA GPUs that support it (Ampere+); fp32 everywhere else (CPU bf16 matmuls are slow)."""
+    import torch
     if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -76,6 +101,7 @@ def compute_dtype(device_type: str) -> torch.dtype:
 
 def autocast_for(device, dtype=None):
     """The forward's autocast context: bf16 where compute_dtype picks it (or `dtype`), else none."""
+    import torch
     device_type = torch.device(device).type
     dtype = dtype or compute_dtype(device_type)
     return torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -102,6 +128,8 @@ def compute_init(device_type: str = ""):
     Returns (ddp, rank, local_rank, world_size, device). `device_type` "" means autodetect.
     nccl on CUDA (one GPU per local rank), gloo on CPU; MPS has no multi-process backend.
     """
+    import torch
+    import torch.distributed as dist
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"device_type must be 'cuda', 'mps' or 'cpu', got {device_type!r}")
@@ -132,17 +160,20 @@ def compute_init(device_type: str = ""):
 
 def is_distributed() -> bool:
     """A process group of more than one rank is running."""
+    import torch.distributed as dist
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def compute_cleanup():
     """Tear down the process group if one was created (call at the end of every script)."""
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_reduce_sum(t):
     """Sum a tensor over the ranks in place and return it (a no-op with one process)."""
+    import torch.distributed as dist
     if is_distributed():
         dist.all_reduce(t)
     return t
@@ -150,6 +181,7 @@ def all_reduce_sum(t):
 
 def broadcast_from_master(obj):
     """Rank 0's value of a picklable object on every rank (the object itself without torch.distributed)."""
+    import torch.distributed as dist
     if is_distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -159,6 +191,7 @@ def broadcast_from_master(obj):
 
 def seed_everything(seed: int):
     """Seed python, numpy (if present) and torch (CPU and all GPUs)."""
+    import torch
     random.seed(seed)
     try:
         import numpy as np
@@ -212,6 +245,7 @@ def get_peak_flops(device):
     CPU and MPS return None on purpose: their peak depends on core count, clocks and
     vector units, and a made-up number would make MFU look meaningful when it is not.
     """
+    import torch
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

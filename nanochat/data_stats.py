@@ -10,13 +10,16 @@ its source's mean (marked "estimated"), so a multi-GB corpus costs seconds, not 
 epochs of the run being the tokens it trains on / the train tokens (the shards are shuffled
 across sources, so every source is sampled at the same rate).
 
+A user file that nanochat.clean_data wrote carries its cleaning summary (kept, removed by
+reason, the report's path) into its entry, for pretraining and fine-tuning alike.
+
 Fine-tuning (task_stats): per task of the mixture. A TaskMixture is one shuffle of all its
 tasks' examples, so a run that takes N examples samples each task in proportion to its size.
 """
 import json
 import os
 
-from nanochat.dataset import iter_row_groups
+from nanochat.dataset import default_data_dir, iter_row_groups
 
 MAX_CHARS = 50_000_000  # tokenize at most this much text per run start (seconds); extrapolate beyond
 
@@ -38,7 +41,21 @@ def corpus_stats(data_dir, tokenizer, tokens_to_train, max_chars=MAX_CHARS):
                     s = per_source[source]
                     s["counted_docs"] += 1
                     s["counted_tokens"] += len(ids) + 1  # + the BOS every document gets
-    return _finish_corpus(per_source, tokens_to_train)
+    out = _finish_corpus(per_source, tokens_to_train)
+    for source, cleaning in _built_cleaning(data_dir).items():  # what the cleaning pass removed from each user file
+        if source in out:
+            out[source]["cleaning"] = cleaning
+    return out
+
+
+def _built_cleaning(data_dir):
+    """{source: cleaning summary} from the dataset_stats.json that nanochat.dataset wrote beside the shards."""
+    try:
+        with open(os.path.join(data_dir or default_data_dir(), "dataset_stats.json"), encoding="utf-8") as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {source: s["cleaning"] for source, s in built.items() if isinstance(s, dict) and "cleaning" in s}
 
 
 def _empty():
@@ -89,6 +106,8 @@ def task_stats(train_task, val_task, tokenizer, examples_to_train, sample=64):
         entry["sampled_docs"] += round(examples_to_train * n / total)
         entry["val_docs"] = n_val
         entry["val_fraction"] = round(n_val / (entry["documents"] + n_val), 4) if entry["documents"] + n_val else 0.0
+        if getattr(task, "cleaning", None):  # a user file the cleaning pass wrote: what it kept and removed
+            entry["cleaning"] = task.cleaning
     out["_run"] = {"train_examples": total, "examples_to_train": examples_to_train,
                    "epochs": round(examples_to_train / total, 4)}
     return out
@@ -110,5 +129,9 @@ def format_stats(stats):
         tokens = s.get("train_tokens", s.get("tokens", 0))
         rows.append(f"{name:<24} {s['documents']:>9,} {tokens:>12,}{'~' if s.get('tokens_estimated') else ' '}"
                     f"{s['sampled_docs']:>8,} {s['val_fraction']:>8.3f}")
+        if s.get("cleaning"):
+            c = s["cleaning"]
+            removed = ", ".join(f"{reason} {n:,}" for reason, n in list(c["removed"].items())[:4])
+            rows.append(f"{'':<24} cleaned: kept {c['kept']:,}, removed {c['removed_total']:,}" + (f" ({removed})" if removed else ""))
     rows.append(f"epochs this run: {stats['_run']['epochs']:.3f}")
     return "\n".join(rows)

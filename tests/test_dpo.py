@@ -179,3 +179,27 @@ def test_chat_dpo_user_pairs_with_lora_and_live_reference(base_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scripts.chat_dpo", "--device_type=cpu", f"--data_path={bad}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and f"{bad}: line 1: field 'rejected' is missing" in proc.stdout + proc.stderr
+
+
+def test_minimind_dpo_jsonl_cleans_then_trains(base_dir, tmp_path):
+    """MiniMind's dpo.jsonl as it is (chosen / rejected message lists, some with earlier turns),
+    through the cleaning pass, then two steps of chat_dpo on the cleaned file."""
+    def pair(i):
+        history = [{"role": "user", "content": "Let's do sums."}, {"role": "assistant", "content": "Sure."}] if i % 3 == 0 else []
+        shared = history + [{"role": "user", "content": f"What is {i} plus {i}?"}]
+        return {"chosen": shared + [{"role": "assistant", "content": f"The answer is {2 * i}."}],
+                "rejected": json.loads(json.dumps(shared)) + [{"role": "assistant", "content": f"The answer is {2 * i + 1}."}]}
+    rows = [pair(i) for i in range(40)]
+    rows[5]["rejected"][-2]["content"] = "What is 5 plus 6?"  # the prompts differ: dropped, named
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "nanochat.clean_data", "--kind=dpo", str(path), "--workers=1", "--max_tokens=127",
+                    f"--tokenizer_dir={base_dir / 'tokenizer'}"], cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, "NANOCHAT_REPORT_DIR": str(base_dir / "report")})
+    cleaned = tmp_path / "dpo.clean.jsonl"
+    report = json.loads((tmp_path / "dpo.clean.report.json").read_text())
+    assert report["kept"] == 39 and report["removed"] == {"prompt_mismatch": 1} and report["first_lines"]["prompt_mismatch"] == [6]
+    out = run_dpo(base_dir, SMALL + [f"--data_path={cleaned}", "--model_tag=minimind", "--num_iterations=2"])
+    assert [int(s) for s, *_ in STEP_RE.findall(out)] == [1, 2]
+    stats = json.loads((base_dir / "chatdpo_checkpoints" / "minimind" / "dataset_stats.json").read_text())
+    assert stats["PreferencePairs"]["documents"] == 39 and stats["PreferencePairs"]["cleaning"]["removed"] == {"prompt_mismatch": 1}

@@ -80,3 +80,40 @@ def test_smoke_run_end_to_end_then_kill_and_resume(tmp_path):
     assert "[mid_train] finished in an earlier run, skipped" in r.stdout
     assert "resumed from" in r.stdout.split("[chat_sft]")[1]  # from the checkpoint the Ctrl-C saved
     assert (marks / "chat_sft").exists()
+
+
+@pytest.mark.slow
+def test_smoke_run_cleans_the_users_data_then_trains_on_it(tmp_path):
+    """PRETRAIN_JSON, SFT_JSON and DPO_JSON with bad lines: clean_* stages (banner, marker, report
+    section) run before training, and the stages train on the cleaned files."""
+    import json
+    base = tmp_path / "base"
+    shared = os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    base.mkdir()
+    for name in ("package_cache", "tiktoken_cache"):
+        if os.path.isdir(os.path.join(shared, name)):
+            os.symlink(os.path.join(shared, name), base / name)
+    words = "river stone lamp garden window orange violet thunder paper castle quiet engine 河流 石头 花园 窗户".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30)) + f" {i}" for i in range(150)]
+    (tmp_path / "pretrain.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+                                             + '{"text": broken\n', encoding="utf-8")
+    convs = [{"conversations": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(40)]
+    convs.insert(3, {"conversations": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]})
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    pairs = [{"chosen": c["conversations"], "rejected": c["conversations"][:1] + [
+        {"role": "assistant", "content": f"{i} plus {i} is {2 * i + 1}."}]} for i, c in enumerate(convs) if i != 3]
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    env = {"NANOCHAT_BASE_DIR": str(base), "PRETRAIN_JSON": str(tmp_path / "pretrain.jsonl"),
+           "SFT_JSON": str(tmp_path / "sft.jsonl"), "DPO_JSON": str(tmp_path / "dpo.jsonl")}
+    r = speedrun("--smoke-test", env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("clean_pretrain", "clean_sft", "clean_dpo"):
+        assert f"[{stage}]" in r.stdout and (base / "smoke" / "speedrun" / "smoke" / "done" / stage).exists()
+    assert "removed 1 (malformed_json 1)" in r.stdout and "removed 1 (unknown_role 1)" in r.stdout
+    assert "--input=" + str(base / "smoke" / "clean" / "pretrain" / "pretrain.clean.jsonl") in r.stdout
+    assert "JSONLConversations 40" in r.stdout
+    report = open(os.path.join(REPO, "report.md"), encoding="utf-8").read()
+    assert "## Data cleaning: sft.jsonl" in report and "| unknown_role | 1 | 4 |" in report
+    stats = json.loads((base / "smoke" / "chatsft_checkpoints" / "d2" / "dataset_stats.json").read_text())
+    assert stats["JSONLConversations"]["cleaning"]["removed"] == {"unknown_role": 1}

@@ -391,6 +391,22 @@ def test_tok_train_and_eval_scripts(script_base):
     assert 1.5 < ours_ratio < 6, out.stdout  # bytes/token of a 400-token vocab on English
 
 
+def test_tok_eval_on_a_corpus_of_one_language(tmp_path):
+    """A user's corpus may hold no Chinese at all: tok_eval says so and leaves the row out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [f"An English document, number {i}, about rivers and stones." for i in range(200)]
+    (tmp_path / "base_data").mkdir()
+    for split in ("train", "val"):
+        pq.write_table(pa.table({"text": texts, "source": ["mine.jsonl"] * len(texts)}),
+                       tmp_path / "base_data" / f"{split}_00000.parquet")
+    RustBPETokenizer.train_from_iterator(texts, 300).save(str(tmp_path / "tokenizer"))
+    out = run_script(["-m", "scripts.tok_eval", "--references=False", "--sample_chars=2000"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "no Chinese document in the val split" in out.stdout and not any(
+        line.startswith("Chinese ") for line in out.stdout.splitlines())
+
+
 def test_tok_train_runs_as_file_and_rejects_unknown_keys(script_base, tmp_path):
     out = run_script(["scripts/tok_train.py", "--vocab_size=300", "--max_chars=20000",
                       f"--output_dir={tmp_path / 'tok'}"], script_base)
