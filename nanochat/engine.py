@@ -212,17 +212,16 @@ class Engine:
     def step(self):
         """Prefill within the step's token budget, admit finished prefills, decode one token per row.
         With only python calls in flight, wait (up to 50 ms) for one to return instead."""
-        if self.parked and not self.rows and not self.waiting:
+        if self.parked and not self.rows and self._next_job() is None:
             self.wake.wait(0.05)
         self.wake.clear()  # before looking at the calls: one that returns later sets it again
         self._drop_cancelled()
         self._unpark()
         budget = max(1, self.max_step_tokens - len(self.rows))
         while budget > 0:
-            with self.lock:
-                job = self.waiting[0] if self.waiting else None
-            if job is None or len(self.rows) + len(self.parked) + len(job.seqs) > self.max_batch_size:
-                break  # no prompt waiting, or no room in the batch for its samples yet (parked ones keep theirs)
+            job = self._next_job()
+            if job is None:
+                break
             if all(s.cancelled for s in job.seqs):
                 with self.lock:
                     self.waiting.popleft()
@@ -232,6 +231,15 @@ class Engine:
             budget -= self._prefill_chunk(job, budget)
         if self.rows:
             self._decode()
+
+    def _next_job(self):
+        """The first waiting prompt if there is room in the batch for its samples (parked sequences
+        keep their places), else None."""
+        with self.lock:
+            job = self.waiting[0] if self.waiting else None
+        if job is None or len(self.rows) + len(self.parked) + len(job.seqs) > self.max_batch_size:
+            return None
+        return job
 
     def _prefill_chunk(self, job, budget):
         """Run the next chunk of a waiting prompt; when the prompt is complete, its samples join."""

@@ -346,6 +346,24 @@ def test_a_python_call_does_not_stall_the_batch():
     assert not engine.has_work()
 
 
+def test_a_full_batch_waits_for_a_python_call_without_spinning():
+    # max_batch_size 1: the parked caller keeps its place, so the next prompt waits for it to finish
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    engine = Engine(model, ByteTokenizer(), max_batch_size=1)
+    caller = forced_call(Sequence(PROMPT, 40, temperature=0.0), "import time\ntime.sleep(0.5)")
+    queued = Sequence(PROMPT[:3], 5, temperature=0.0)
+    engine.submit([caller])
+    engine.submit([queued])
+    steps = 0
+    while not caller.done:
+        engine.step()
+        steps += 1
+        assert not queued.tokens or caller.done  # never two in a batch of one
+    assert steps < 120 and caller.finish_reason == "length"  # ~0.5 s / 50 ms of waiting, plus 40 tokens
+    engine.run([queued])
+    assert len(queued.tokens) == 5
+
+
 def test_cancelling_a_sequence_whose_python_call_runs_kills_the_code():
     model = NoSpecials(tiny_gpt(vocab_size=1024))
     engine = Engine(model, ByteTokenizer(), python_timeout=60.0)
