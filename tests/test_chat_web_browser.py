@@ -72,6 +72,23 @@ def last_reply(page):
     return page.locator(".msg.assistant .bubble").last.inner_text()
 
 
+def check_python_tool_call(page, tmp_path):
+    """A python tool call shows as a block (code, then what the sandbox printed); the page sends the
+    reply back as text and the server turns the block into the call again: the model answers the next turn."""
+    from playwright.sync_api import expect
+    page.locator("#new-chat").click()
+    send(page, "How many r are in strawberry?")
+    wait_idle(page)
+    tool = page.locator(".msg.assistant .tool")
+    expect(tool.locator("code[data-lang=python]")).to_have_text("print('strawberry'.count('r'))")
+    expect(tool.locator(".tool-output")).to_have_text("3")
+    assert last_reply(page).startswith("Let me count.") and last_reply(page).endswith("The answer is 3.")
+    send(page, "thanks")
+    wait_idle(page)
+    assert last_reply(page) == TOOL_SECOND_REPLY
+    save_screenshot(page, tmp_path, "chat_web_python_tool.png")
+
+
 def test_chat_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -117,19 +134,7 @@ def test_chat_in_a_real_browser(server, tmp_path):
             wait_idle(page)
             assert last_reply(page) == NIHAO_REPLY
 
-            # a python tool call shows as a block (code, then what the sandbox printed); the page sends the
-            # reply back as text and the server turns the block into the call again: the model answers the next turn
-            page.locator("#new-chat").click()
-            send(page, "How many r are in strawberry?")
-            wait_idle(page)
-            tool = page.locator(".msg.assistant .tool")
-            expect(tool.locator("code[data-lang=python]")).to_have_text("print('strawberry'.count('r'))")
-            expect(tool.locator(".tool-output")).to_have_text("3")
-            assert last_reply(page).startswith("Let me count.") and last_reply(page).endswith("The answer is 3.")
-            send(page, "thanks")
-            wait_idle(page)
-            assert last_reply(page) == TOOL_SECOND_REPLY
-            save_screenshot(page, tmp_path, "chat_web_python_tool.png")
+            check_python_tool_call(page, tmp_path)
 
             # stop a long reply: it ends early, is kept, and the server's worker is free again
             page.locator("#new-chat").click()
