@@ -435,7 +435,8 @@ class Engine:
         yielded = 0
         try:
             while True:
-                while any(len(s.tokens) > yielded for s in seqs):
+                # a column once every sample has its token or is done (one parked for a python call lags)
+                while any(len(s.tokens) > yielded for s in seqs) and all(len(s.tokens) > yielded or s.done for s in seqs):
                     column = [s.tokens[yielded] if len(s.tokens) > yielded else FINISHED for s in seqs]
                     yield column, [s.masks[yielded] if len(s.tokens) > yielded else 0 for s in seqs]
                     yielded += 1

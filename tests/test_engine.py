@@ -346,6 +346,22 @@ def test_a_python_call_does_not_stall_the_batch():
     assert not engine.has_work()
 
 
+def test_generate_waits_for_a_sample_whose_python_call_runs():
+    # generate's token columns: a sample parked for its call lags the others, and loses no token
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    engine = Engine(model, ByteTokenizer())
+    submit = engine.submit
+    engine.submit = lambda seqs: submit([forced_call(seqs[0], "import time\ntime.sleep(0.3)\nprint(1)"), *seqs[1:]])
+    columns = list(engine.generate(PROMPT, num_samples=2, max_tokens=60, temperature=0.0))
+    assert len(columns) == 60 and FINISHED not in [t for column, _ in columns for t in column]
+    first = [column[0] for column, _ in columns]
+    sp = ByteTokenizer().encode_special
+    assert first[first.index(sp("<|output_start|>")):][:3] == [sp("<|output_start|>"), ord("1"), sp("<|output_end|>")]
+    alone = Sequence(PROMPT, 60, temperature=0.0, seed=43)  # sample 1 never called: its tokens as alone
+    Engine(model, ByteTokenizer()).run([alone])
+    assert [column[1] for column, _ in columns] == alone.tokens
+
+
 def test_a_full_batch_waits_for_a_python_call_without_spinning():
     # max_batch_size 1: the parked caller keeps its place, so the next prompt waits for it to finish
     model = NoSpecials(tiny_gpt(vocab_size=1024))
