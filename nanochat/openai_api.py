@@ -7,7 +7,8 @@ import json
 import re
 
 # a tool call as nanochat.reply.tool_call_text writes it: [calc: code = output] on one line, or a
-# [python] block (its [output] part absent when nothing came back)
+# [python] block (its [output] part absent when nothing came back). Text is not escaped, so code or
+# output holding a line "[/python]" (or code a line "[output]") would end its block early.
 TOOL_CALL_RE = re.compile(r"\[calc: ([^\n]*?) = ([^\n]*?)\]"
                           r"|(?:^|\n)\[python\]\n(.*?)(?:\n\[output\]\n(.*?))?\n\[/python\](?:\n|$)", re.S)
 ROLES = ("system", "user", "assistant")
