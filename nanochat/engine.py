@@ -16,7 +16,11 @@ Each step (Engine.step):
 Per sequence: temperature, top-k, top-p, repetition penalty, seed (its own generator), stop
 strings (on the decoded text), max_tokens, logprobs (the chosen token's and the top ones, from the
 model's own distribution), and the tools (nanochat.tools): after <|python_start|> code
-<|python_end|> the result is forced in as <|output_start|> result <|output_end|> (mask 0).
+<|python_end|> the result is forced in as <|output_start|> result <|output_end|> (mask 0), cut to
+max_output_tokens. tools="calc": the calculator only; "python" (default): code the calculator refuses
+runs in the sandbox, on a small thread pool, with a time limit (python_timeout). Meanwhile the
+sequence is parked: its keys and values are copied out of the batch, the others go on decoding,
+and it rejoins with the output to feed when the call returns (a cancelled one kills its code).
 A sequence's tokens do not depend on the others in the batch: greedy output is the same alone or
 among 31 others (tested, fp32 on CPU).
 
@@ -25,15 +29,17 @@ stream (one sample, token by token), generate_batch, complete (a conversation's 
 """
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from nanochat.kv_cache import KVCache, RowKVCache
 from nanochat.reply import ReplyDecoder, first_stop, held_back
-from nanochat.tools import calculator
+from nanochat.tools import calculator, run_python
 
 FINISHED = -1  # a finished sample's entry in later token columns of `generate`
+TOOLS = ("none", "calc", "python")  # what runs a tool call: nothing, the calculator, the calculator then python
 
 # ----------------------------------------------------------------------------- sampling
 def apply_repetition_penalty(logits, seen, penalty):
@@ -100,6 +106,9 @@ class Sequence:
         self._sent = 0               # characters of text already sent as events
         self._forced = deque()       # tool output to feed before sampling again
         self._code = None            # tokens of an open tool call
+        self._call = None            # the running python call (a Future of its output text)
+        self._parked = None          # the keys and values (a KVCache) while parked out of the batch
+        self._stop_call = threading.Event()  # kills the running call's code
         self._rng = self._seen = self._decoder = None
 
     @property
@@ -153,9 +162,14 @@ class _Prefill:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch_size=32, max_step_tokens=512):
+    def __init__(self, model, tokenizer, max_batch_size=32, max_step_tokens=512, tools="python", python_timeout=5.0,
+                 max_output_tokens=256, tool_workers=4):
+        if tools not in TOOLS:
+            raise ValueError(f"Engine: tools must be one of {TOOLS}, got {tools!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_step_tokens = max_batch_size, max_step_tokens
+        self.tools, self.python_timeout, self.max_output_tokens = tools, python_timeout, max_output_tokens
+        self.tool_workers, self.tool_pool = tool_workers, None  # threads for python calls, started on the first one
         sp = tokenizer.encode_special
         self.stop_ids = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -164,8 +178,10 @@ class Engine:
         c = model.config
         self.cache_dims = (c.n_layer, c.n_kv_head, c.n_embd // c.n_head)
         self.rows = []           # decoding sequences; row i of the cache is rows[i]
+        self.parked = []         # sequences waiting for their python call, out of the batch (they keep their place)
         self.waiting = deque()   # _Prefill jobs not yet in the batch
         self.lock = threading.Lock()
+        self.wake = threading.Event()  # a python call returned or a prompt was submitted: stop idling
         self.row_cache = None
 
     # --------------------------------------------------------------- scheduling
@@ -176,9 +192,10 @@ class Engine:
             raise ValueError(f"{len(seqs)} samples of one prompt; this engine decodes at most {self.max_batch_size}")
         with self.lock:
             self.waiting.append(_Prefill(seqs, None))
+        self.wake.set()
 
     def has_work(self):
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.parked)
 
     def run(self, seqs):
         """Generate every sequence to its end (prompts grouped when several share one). Returns seqs."""
@@ -194,14 +211,18 @@ class Engine:
 
     @torch.inference_mode()
     def step(self):
-        """Prefill within the step's token budget, admit finished prefills, decode one token per row."""
+        """Prefill within the step's token budget, admit finished prefills, decode one token per row.
+        With only python calls in flight, wait (up to 50 ms) for one to return instead."""
+        if self.parked and not self.rows and self._next_job() is None:
+            self.wake.wait(0.05)
+        self.wake.clear()  # before looking at the calls: one that returns later sets it again
         self._drop_cancelled()
+        self._unpark()
         budget = max(1, self.max_step_tokens - len(self.rows))
         while budget > 0:
-            with self.lock:
-                job = self.waiting[0] if self.waiting else None
-            if job is None or len(self.rows) + len(job.seqs) > self.max_batch_size:
-                break  # no prompt waiting, or no room in the batch for its samples yet
+            job = self._next_job()
+            if job is None:
+                break
             if all(s.cancelled for s in job.seqs):
                 with self.lock:
                     self.waiting.popleft()
@@ -216,8 +237,8 @@ class Engine:
     def _fresh_group(self, budget):
         """Waiting prompts, from the front, not started and short enough to be prefilled together
         in one forward (padded to the longest: that many tokens count against the budget each),
-        with room in the batch for all their samples."""
-        group, room = [], self.max_batch_size - len(self.rows)
+        with room in the batch for all their samples (parked sequences keep their places)."""
+        group, room = [], self.max_batch_size - len(self.rows) - len(self.parked)
         with self.lock:
             for job in self.waiting:
                 longest = max([len(job.prompt)] + [len(j.prompt) for j in group])
@@ -244,6 +265,15 @@ class Engine:
             job.cache, job.done, job.row = cache, lengths[b], b
             self._admit(job, logits[b:b + 1, -1, :])
         return len(group) * max(lengths)
+
+    def _next_job(self):
+        """The first waiting prompt if there is room in the batch for its samples (parked sequences
+        keep their places), else None."""
+        with self.lock:
+            job = self.waiting[0] if self.waiting else None
+        if job is None or len(self.rows) + len(self.parked) + len(job.seqs) > self.max_batch_size:
+            return None
+        return job
 
     def _prefill_chunk(self, job, budget):
         """Run the next chunk of a waiting prompt; when the prompt is complete, its samples join."""
@@ -280,14 +310,35 @@ class Engine:
             self.rows.append(seq)
             seq._emit("start", None)
             self._choose([seq], logits)
-        self._leave([i for i, s in enumerate(self.rows) if s.done])
+        self._settle()
 
     def _decode(self):
         fed = torch.tensor([[s.tokens[-1]] for s in self.rows], dtype=torch.long, device=self.model.get_device())
         self.row_cache.begin_step(len(self.rows))
         logits = self.model(fed, kv_cache=self.row_cache)[:, -1, :]
         self._choose(self.rows, logits)
+        self._settle()
+
+    def _settle(self):
+        """After a token per row: finished rows leave; rows whose python call started are parked
+        (their keys and values copied out first, since leaving moves other rows over them)."""
         self._leave([i for i, s in enumerate(self.rows) if s.done])
+        calling = [i for i, s in enumerate(self.rows) if s._call is not None]
+        for i in calling:
+            self.rows[i]._parked = self.row_cache.save(i)
+            self.parked.append(self.rows[i])
+        self._leave(calling)
+
+    def _unpark(self):
+        """Parked sequences whose call returned rejoin the batch (there is room: admission counts
+        them), its output queued to be fed next."""
+        for s in [s for s in self.parked if s._call.done()]:
+            self.parked.remove(s)
+            self._force(s, s._call.result())
+            s._call = None
+            self.row_cache.load(len(self.rows), s._parked)
+            s._parked = None
+            self.rows.append(s)
 
     def discard(self, seqs):
         """Take sequences out of the queue and the batch at once (their finish_reason: cancelled)."""
@@ -300,6 +351,7 @@ class Engine:
             if not s.done:
                 s.cancel()
                 s._finish("cancelled")
+        self._unpark_cancelled()
         self._leave([i for i, s in enumerate(self.rows) if id(s) in targets])
 
     def _drop_cancelled(self):
@@ -313,7 +365,16 @@ class Engine:
         for s in self.rows:
             if s.cancelled:
                 s._finish("cancelled")
+        self._unpark_cancelled()
         self._leave([i for i, s in enumerate(self.rows) if s.done])
+
+    def _unpark_cancelled(self):
+        """Cancelled parked sequences: their code is killed, their place freed."""
+        for s in [s for s in self.parked if s.cancelled]:
+            s._stop_call.set()
+            s._finish("cancelled")
+            self.parked.remove(s)
+            s._call = s._parked = None
 
     def _leave(self, finished):
         """Free the rows of finished sequences; the last rows move into the holes (a prefix stays)."""
@@ -356,23 +417,44 @@ class Engine:
                                      list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
         if token in self.stop_ids and mask == 1:
             return s._finish("stop")
-        self._tool(s, token)
+        code = self._collect(s, token)
         if s._text_grew(s._decoder.add(token)):
             return s._finish("stop")  # a stop string
         if len(s.tokens) >= s.max_tokens or len(s.prompt) + len(s.tokens) >= self.context:
-            s._finish("length")
+            return s._finish("length")
+        if code is not None:
+            self._run_tool(s, code)
 
-    def _tool(self, s, token):
-        """A tool call's tokens are collected; at its end the result is queued to be forced in."""
+    def _collect(self, s, token):
+        """A tool call's tokens are collected; at its end, its code is returned."""
         if token == self.python_start:
             s._code = []
         elif token == self.python_end and s._code is not None:
-            result = calculator(self.tokenizer.decode(s._code))
-            s._code = None
-            if result is not None:
-                s._forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            code, s._code = self.tokenizer.decode(s._code), None
+            return code
         elif s._code is not None:
             s._code.append(token)
+        return None
+
+    def _run_tool(self, s, code):
+        """The calculator's result is queued at once; code it refuses goes to the sandbox in the
+        background (the sequence is parked by _settle until it returns). Nothing runs: nothing is fed."""
+        result = calculator(code) if self.tools != "none" else None
+        if result is not None:
+            self._force(s, result)
+        elif self.tools == "python":
+            if self.tool_pool is None:
+                self.tool_pool = ThreadPoolExecutor(self.tool_workers, thread_name_prefix="nanochat-python")
+            s._call = self.tool_pool.submit(run_python, code, self.python_timeout, s._stop_call)
+            s._call.add_done_callback(lambda _: self.wake.set())
+
+    def _force(self, s, result):
+        """Queue <|output_start|> result <|output_end|>, the result cut to max_output_tokens (and saying so)."""
+        ids = self.tokenizer.encode(result)
+        if len(ids) > self.max_output_tokens:
+            kept = self.tokenizer.decode(ids[:self.max_output_tokens]).rstrip("\ufffd")  # no half character
+            ids = self.tokenizer.encode(f"{kept}\n[output cut at {self.max_output_tokens} tokens]")
+        s._forced.extend([self.output_start, *ids, self.output_end])
 
     # --------------------------------------------------------------- one prompt, n samples
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
@@ -388,7 +470,8 @@ class Engine:
         yielded = 0
         try:
             while True:
-                while any(len(s.tokens) > yielded for s in seqs):
+                # a column once every sample has its token or is done (one parked for a python call lags)
+                while any(len(s.tokens) > yielded for s in seqs) and all(len(s.tokens) > yielded or s.done for s in seqs):
                     column = [s.tokens[yielded] if len(s.tokens) > yielded else FINISHED for s in seqs]
                     yield column, [s.masks[yielded] if len(s.tokens) > yielded else 0 for s in seqs]
                     yielded += 1

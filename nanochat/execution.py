@@ -332,6 +332,21 @@ def _exited_within(proc, timeout):
         os.close(fd)
 
 
+def _exited_or_stopped(proc, timeout, stop):
+    """Wait until proc exits (True), or timeout seconds pass or `stop` is set (False); `stop` is
+    looked at every 50 ms."""
+    if stop is None:
+        return _exited_within(proc, timeout)
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if _exited_within(proc, min(max(left, 0.0), 0.05)):
+            return True
+        if left <= 0.05:
+            return False
+    return False
+
+
 def _children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -379,8 +394,9 @@ def _read_capped(f, cap):
     return text + ("\n[output truncated]" if size > cap else ""), size > cap, size
 
 
-def _run(cmd, code, timeout, cwd, env, bwrap):
-    """Start cmd (the runner behind its sandbox), feed it the code, wait at most timeout seconds.
+def _run(cmd, code, timeout, cwd, env, bwrap, stop=None):
+    """Start cmd (the runner behind its sandbox), feed it the code, wait at most timeout seconds
+    (less if `stop` is set).
     -> (exit status, timed out, stdout file, stderr file); the caller closes the files."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
@@ -390,7 +406,7 @@ def _run(cmd, code, timeout, cwd, env, bwrap):
         proc.stdin.close()
     except BrokenPipeError:  # the child died before reading (e.g. startup hit a limit)
         pass
-    timed_out = not _exited_within(proc, timeout)
+    timed_out = not _exited_or_stopped(proc, timeout, stop)
     if timed_out:
         _stop(proc, bwrap)
     _kill_group(proc.pid)  # leftovers the code started in its group (our child is not reaped: still ours)
@@ -410,24 +426,24 @@ def _limits(timeout, max_memory_bytes, max_processes, packages):
                 path=_site_packages() if packages else [])
 
 
-def _run_bubblewrap(code, cfg, timeout, packages):
+def _run_bubblewrap(code, cfg, timeout, packages, stop=None):
     cfg = dict(cfg, workdir=SANDBOX_DIR, uid=SANDBOX_UID if os.geteuid() == 0 else None)
     # bwrap's own environment stays minimal too: in a user namespace the code can read /proc/1/environ
     returncode, timed_out, out, err = _run([*_bwrap_command(packages), *_runner(cfg)], code, timeout, cwd="/",
-                                           env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, bwrap=True)
+                                           env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, bwrap=True, stop=stop)
     if returncode > 128:  # bwrap reports a child killed by signal N as exit status 128 + N
         returncode = 128 - returncode
     return returncode, timed_out, out, err
 
 
-def _run_fallback(code, cfg, timeout, packages):
+def _run_fallback(code, cfg, timeout, packages, stop=None):
     workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
     try:
         if privilege_drop_available():
             os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
         cfg = dict(cfg, workdir=workdir, uid=None)
         return _run([*_fallback_command(), *_runner(cfg)], code, timeout, cwd=workdir,
-                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}, bwrap=False)
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}, bwrap=False, stop=stop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -459,19 +475,22 @@ def _why_failed(returncode, timed_out, output_limit_hit, stderr, timeout, max_me
 
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 1024 * 1024,
                  max_processes: int = 16, max_output_bytes: int = MAX_OUTPUT_BYTES, packages: bool = False,
-                 bubblewrap: bool | None = None) -> ExecutionResult:
+                 bubblewrap: bool | None = None, stop=None) -> ExecutionResult:
     """Run `code` (a Python program) in the sandbox and return its stdout, stderr (each cut at
     max_output_bytes) and what went wrong, if anything. The code imports the standard library only,
     unless packages=True (the caller's site-packages, read-only). bubblewrap: None uses it where it
-    works (see isolation()), False forces the fallback, True refuses to run without it."""
+    works (see isolation()), False forces the fallback, True refuses to run without it. stop: a
+    threading.Event; setting it kills the code early (error "stopped": a cancelled chat reply)."""
     run = _run_bubblewrap if _use_bubblewrap(bubblewrap) else _run_fallback
     cfg = _limits(timeout, max_memory_bytes, max_processes, packages)
-    returncode, timed_out, out, err = run(code, cfg, timeout, packages)
+    returncode, timed_out, out, err = run(code, cfg, timeout, packages, stop)
     with out, err:
         stdout, out_cut, out_size = _read_capped(out, max_output_bytes)
         stderr, err_cut, err_size = _read_capped(err, max_output_bytes)
     timed_out = timed_out or returncode == -signal.SIGXCPU  # RLIMIT_CPU, the backstop
     output_limit_hit = returncode == -signal.SIGXFSZ or max(out_size, err_size) >= MAX_FILE_BYTES
     error = _why_failed(returncode, timed_out, output_limit_hit, stderr, timeout, max_memory_bytes)
+    if timed_out and stop is not None and stop.is_set():
+        error = "stopped"
     return ExecutionResult(success=error is None, stdout=stdout, stderr=stderr, error=error, timeout=timed_out,
                            memory_exceeded=returncode == MEMORY_EXIT_CODE, output_truncated=out_cut or err_cut)

@@ -100,6 +100,15 @@ class RowKVCache:
         self.kv[:, :, row, :, :length] = cache.kv[:, :, src, :, :length]
         self.pos[row] = length
 
+    def save(self, row):
+        """A copy of row `row` as a batch-1 KVCache: the row can be freed, and loaded back later
+        (into any row) to go on where it was (the engine parks a sequence while its tool runs)."""
+        layers, _, _, heads, _, head_dim = self.shape
+        length = int(self.pos[row])
+        cache = KVCache(1, heads, length, head_dim, layers)
+        cache.kv, cache.pos = self.kv[:, :, row:row + 1, :, :length].clone(), length
+        return cache
+
     def move(self, src, dst):
         """Row dst := row src (to keep the active rows a prefix when one in the middle ends)."""
         length = int(self.pos[src])

@@ -6,7 +6,11 @@ here: the server turns ApiError into a response.
 import json
 import re
 
-CALC_RE = re.compile(r"\[calc: (.*?) = (.*?)\]")
+# a tool call as nanochat.reply.tool_call_text writes it: [calc: code = output] on one line, or a
+# [python] block (its [output] part absent when nothing came back). Text is not escaped, so code or
+# output holding a line "[/python]" (or code a line "[output]") would end its block early.
+TOOL_CALL_RE = re.compile(r"\[calc: ([^\n]*?) = ([^\n]*?)\]"
+                          r"|(?:^|\n)\[python\]\n(.*?)(?:\n\[output\]\n(.*?))?\n\[/python\](?:\n|$)", re.S)
 ROLES = ("system", "user", "assistant")
 
 
@@ -94,15 +98,18 @@ def message_text(i, msg, max_chars):
 
 
 def assistant_parts(text):
-    """An assistant reply as sent back by a client -> the tokenizer's parts: each
-    [calc: expr = result] becomes a python call and its output, as the model wrote them."""
+    """An assistant reply as sent back by a client -> the tokenizer's parts: each tool call
+    ([calc: expr = result] or a [python] block) becomes a python call and its output, as the model
+    wrote them."""
     parts, pos = [], 0
-    for m in CALC_RE.finditer(text):
+    for m in TOOL_CALL_RE.finditer(text):
         if m.start() > pos:
             parts.append({"type": "text", "text": text[pos:m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        if m.group(2) != "?":  # "?": the tool returned nothing, no output was forced
-            parts.append({"type": "python_output", "text": m.group(2)})
+        calc = m.group(1) is not None
+        code, output = (m.group(1), m.group(2) if m.group(2) != "?" else None) if calc else (m.group(3), m.group(4))
+        parts.append({"type": "python", "text": code})
+        if output is not None:  # None: the tool returned nothing, no output was forced
+            parts.append({"type": "python_output", "text": output})
         pos = m.end()
     if pos < len(text):
         parts.append({"type": "text", "text": text[pos:]})

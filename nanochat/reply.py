@@ -4,14 +4,31 @@ and the engine's stop strings.
 
 - Text is decoded from the whole current run, so a character split across tokens appears once
   complete (an incomplete UTF-8 sequence is held back; at the end it comes out as U+FFFD).
-- A tool call <|python_start|> code <|python_end|> [<|output_start|> result <|output_end|>] reads
-  [calc: code = result] ("?" when the tool returned nothing). chat_web turns that back into tool
-  parts when a client sends the conversation again.
+- A tool call <|python_start|> code <|python_end|> [<|output_start|> result <|output_end|>] reads as
+  tool_call_text says: [calc: 12+30 = 42] for what the calculator takes, a [python] ... [/python]
+  block for other code. chat_web turns both back into tool parts when a client sends the
+  conversation again (nanochat.openai_api.assistant_parts).
 - <think> ... </think> is shown with its markers, or hidden (show_thinking=False).
 - A stop token (<|assistant_end|>, <|bos|>) ends the reply; an unclosed call is closed with "?".
   No special token's text ever reaches the user: inside a call they close it, elsewhere they vanish.
 """
 from nanochat.tokenizer import SPECIAL_TOKENS
+from nanochat.tools import calculator
+
+
+def tool_call_text(code, output):
+    """How a tool call reads in a reply (output None: nothing came back).
+    Code the calculator takes (the engine ran it there): "[calc: 12+30 = 42]", "?" for no output.
+    Other code (python, in the sandbox), on lines of its own; without output, no [output] part:
+        [python]
+        print('strawberry'.count('r'))
+        [output]
+        3
+        [/python]"""
+    if calculator(code) is not None:
+        return f"[calc: {code} = {'?' if output is None else output}]"
+    shown = "" if output is None else f"\n[output]\n{output}"
+    return f"\n[python]\n{code}{shown}\n[/python]\n"
 
 
 class ReplyDecoder:
@@ -46,9 +63,9 @@ class ReplyDecoder:
 
     def _close_call(self):
         code = self.tokenizer.decode(self.code).strip()
-        result = self.tokenizer.decode(self.output).strip() if self.output else "?"
+        output = self.tokenizer.decode(self.output).strip() if self.mode == "output" else None  # "": printed nothing
         self.code, self.output, self.mode = [], [], "text"
-        return self._visible(f"[calc: {code} = {result}]")
+        return self._visible(tool_call_text(code, output))
 
     def add(self, token):
         """The text this token adds ("" while a character or a call is incomplete)."""

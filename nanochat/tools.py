@@ -1,12 +1,18 @@
 """
 The tools a model can call in a reply: <|python_start|> code <|python_end|> is run here and its
-result is forced back as <|output_start|> result <|output_end|>. The calculator evaluates plain
-arithmetic and a few string methods on literals, in this process, in microseconds; it refuses
-everything else (None), and then nothing is forced.
+result is forced back as <|output_start|> result <|output_end|>.
+- calculator: plain arithmetic and a few string methods on literals, in this process, in
+  microseconds; it refuses everything else (None). The engine's fast path.
+- run_python: any other code, as a program in the sandbox (nanochat.execution: standard library
+  only, a time limit, no network); what is fed back is its stdout, or the error's last line.
+The training data's tool outputs are python_output(...) of what the sandbox returns, so the model
+sees at chat time exactly what it was trained on.
 """
 import ast
 import math
 import operator
+
+from nanochat.execution import ExecutionResult, execute_code
 
 MAX_EXPR_CHARS = 1000
 MAX_INT_BITS = 4096  # about 1233 decimal digits: bounds every intermediate integer
@@ -106,3 +112,24 @@ def calculator(expr: str) -> str | None:
         return _format(_eval(tree.body))
     except (_Refused, SyntaxError, ValueError, TypeError, ArithmeticError, MemoryError, RecursionError):
         return None
+
+
+PYTHON_OUTPUT_BYTES = 16 << 10  # stdout kept from a python call (the engine then caps it in tokens)
+
+
+def python_output(result: ExecutionResult) -> str:
+    """What a python call feeds back: stdout without its trailing newline; after a failure, the
+    error's one line below what was printed ("ZeroDivisionError: division by zero", "timed out after 5 s")."""
+    printed = result.stdout.rstrip()
+    if result.success:
+        return printed
+    return f"{printed}\n{result.error}" if printed else result.error
+
+
+def run_python(code: str, timeout: float = 5.0, stop=None) -> str:
+    """Run a tool call's code in the sandbox -> python_output of it. stop: a threading.Event that
+    kills the code early. Never raises: a sandbox that cannot start is reported as the output."""
+    try:
+        return python_output(execute_code(code, timeout=timeout, max_output_bytes=PYTHON_OUTPUT_BYTES, stop=stop))
+    except Exception as e:  # noqa: BLE001 - the reply goes on, the model reads what went wrong
+        return f"the sandbox failed: {type(e).__name__}: {e}"

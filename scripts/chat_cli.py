@@ -6,7 +6,13 @@ Talk to a chat model in the terminal, the reply streaming as it is generated.
     python -m scripts.chat_cli --checkpoint=chatsft_checkpoints/d4 -t 0.8 -k 50 --max_tokens=512
 
 In the chat: /clear starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the
-reply being written (at the prompt it just clears the line). Calculator calls show as [calc: 12+30 = 42].
+reply being written (at the prompt it just clears the line). Calculator calls show as [calc: 12+30 = 42],
+python calls (run in the sandbox; --tools=calc: the calculator only, --tools=none: no tool) as a block:
+    [python]
+    print('strawberry'.count('r'))
+    [output]
+    3
+    [/python]
 A reasoning model's <think> ... </think> block is hidden unless --open_thinking (then it is shown
 between the markers, before the answer).
 """
@@ -35,6 +41,8 @@ top_p = 1.0                    # 1.0: off
 repetition_penalty = 1.0
 max_tokens = 256               # per reply
 open_thinking = False          # show the model's <think> ... </think> reasoning (hidden by default)
+tools = "python"               # python (the calculator, else the sandbox) | calc | none
+python_timeout = 5.0           # seconds per python call
 seed = 42
 device_type = ""               # cuda | mps | cpu; empty: autodetect
 configure(globals(), aliases={"p": "prompt", "t": "temperature", "k": "top_k"})
@@ -48,7 +56,7 @@ try:
     model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chat")
 except CheckpointError as e:
     sys.exit(f"chat_cli: {e}")
-engine = Engine(model, tokenizer)
+engine = Engine(model, tokenizer, tools=tools, python_timeout=python_timeout)
 special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 bos, assistant_end = tokenizer.get_bos_token_id(), special["<|assistant_end|>"]
 max_context = 10 * model.config.sequence_len  # the rotary table's length

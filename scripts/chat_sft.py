@@ -1,6 +1,6 @@
 """
 Supervised fine-tuning: polish the mid-trained model on clean conversations (identity, calculator
-arithmetic, spelling, some small talk, and your own data), loss on assistant tokens only.
+arithmetic, spelling and python tool use, some small talk, and your own data), loss on assistant tokens only.
 Mid-training is the same loop on another mixture from the base model: scripts/mid_train.py runs
 this file with mid-training's defaults (the `_mid` columns below).
 
@@ -11,7 +11,7 @@ this file with mid-training's defaults (the `_mid` columns below).
     python -m scripts.chat_sft --lora_rank=16                  # LoRA: train adapters only, saved alone too
 
 Every eval_every steps (and at the last): the val loss per assistant token and greedy accuracies on
-held-out Arithmetic, Spelling and Identity problems (with the calculator). Writes
+held-out Arithmetic, Spelling, PythonTool and Identity problems (with the tools). Writes
 chatsft_checkpoints/<tag> (mid_checkpoints/<tag>); with --lora_rank the merged model as usual plus
 the adapter alone in adapter_<step>.pt. Ctrl-C saves and exits; --resume continues exactly.
 """
@@ -50,7 +50,7 @@ compile = None                 # torch.compile: True | False | None (on for CUDA
 seed = 42
 max_memory_frac = 0.9
 data_path = ""                 # user conversations (MiniMind JSONL), added to the mixture
-generated_examples = 20000 if _mid else 2000  # arithmetic and spelling problems each (generated, exact answers)
+generated_examples = 20000 if _mid else 2000  # arithmetic and spelling problems each, half as many python tool ones
 identity_examples = 1000 if _mid else 500     # who-are-you conversations (EN + ZH)
 chitchat_examples = -1 if _mid else 1000      # human small talk (chitchat-dataset); -1: all, 0: none
 multiple_choice_examples = -1 if _mid else 0  # ARC/OBQA/... multiple choice (letters); -1: all, 0: none
@@ -88,7 +88,8 @@ tokenizer = get_tokenizer()
 # ----------------------------------------------------------------------------- data
 def mixture(split, n_generated, n_identity, n_chitchat, n_multiple_choice):
     """The mix of one split (train, or test for the val loss); a count of 0 drops a source, -1 takes all."""
-    generated = [tasks.Arithmetic(split, size=n_generated), tasks.Spelling(split, size=n_generated)]
+    generated = [tasks.Arithmetic(split, size=n_generated), tasks.Spelling(split, size=n_generated),
+                 tasks.PythonTool(split, size=n_generated // 2)]  # half as many: several patterns, one format
     identity = [tasks.Identity(split, size=n_identity)]
     sources = generated + identity if _mid else identity + generated  # the order seeds each mix's shuffle
     if n_chitchat:
@@ -106,7 +107,8 @@ n_val = {"chitchat": eval_examples if chitchat_examples else 0, "mc": eval_examp
 train_task = tasks.TaskMixture(train_sources, seed=seed)
 val_task = tasks.TaskMixture(mixture("test", eval_examples, eval_examples, n_val["chitchat"], n_val["mc"]), seed=seed)
 eval_tasks = {name: task("test", size=eval_problems) for name, task in
-              [("arithmetic", tasks.Arithmetic), ("spelling", tasks.Spelling), ("identity", tasks.Identity)]}
+              [("arithmetic", tasks.Arithmetic), ("spelling", tasks.Spelling), ("python_tool", tasks.PythonTool),
+               ("identity", tasks.Identity)]}
 
 # ----------------------------------------------------------------------------- model, batch, optimizer, resume
 src = open_training_source(source_checkpoint, source_stage, stage, device, tokenizer, model_tag=model_tag, resume=resume,
@@ -193,7 +195,7 @@ while True:
         val_batches = conversation_eval_batches(val_task, tokenizer, B, T, device, lane=rank, num_lanes=world_size,
                                                 max_examples=eval_examples)
         metrics = {"val loss": evaluate_loss(model, val_batches, device, autocast)}
-        if master and eval_problems > 0:  # greedy replies (with the calculator) to held-out problems
+        if master and eval_problems > 0:  # greedy replies (with the tools) to held-out problems
             engine = Engine(orig_model, tokenizer)
             with autocast:
                 metrics.update({f"{name} acc": tasks.accuracy(task, engine, eval_max_tokens)

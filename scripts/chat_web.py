@@ -26,8 +26,10 @@ within queue_timeout seconds gets 503 with Retry-After; a client that disconnect
 sequences at the next step. With --api_key every /v1 request needs "Authorization: Bearer KEY";
 serving on a non-loopback host needs a key (or --allow_no_key).
 
-Calculator calls show in the reply as [calc: 12+30 = 42]; when a client sends the conversation
-back, they are turned into tool-call parts again, so the model sees what it was trained on.
+Tool calls show in the reply as [calc: 12+30 = 42] (the calculator) or a [python] ... [output] ...
+[/python] block (code run in the sandbox, --tools=python, the default; --tools=calc: the calculator
+only); when a client sends the conversation back, they are turned into tool-call parts again, so the
+model sees what it was trained on.
 """
 import os
 import sys
@@ -42,6 +44,9 @@ port = 8000
 device_type = ""               # cuda | mps | cpu; empty: autodetect (one engine per GPU)
 max_batch_size = 32            # sequences decoded together; 1: one at a time
 max_step_tokens = 512          # tokens per forward: prompt chunks + one per decoding sequence
+tools = "python"               # what runs the model's tool calls: python (the calculator, else the sandbox) | calc | none
+python_timeout = 5.0           # seconds per python call (then the call's output says it timed out)
+max_output_tokens = 256        # a tool's output fed back to the model is cut to this many tokens
 api_key = ""                   # required as "Authorization: Bearer KEY" on /v1/*; default $NANOCHAT_API_KEY
 allow_no_key = False           # serve on a non-loopback host without an API key
 # what a request gets when it does not say
@@ -104,7 +109,8 @@ class EngineThread:
 
     def __init__(self, model, device):
         self.device, self.autocast = device, autocast_for(device)
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_step_tokens=max_step_tokens,
+                             tools=tools, python_timeout=python_timeout, max_output_tokens=max_output_tokens)
         self.wake = threading.Event()
         threading.Thread(target=self.run, daemon=True).start()
 
@@ -113,7 +119,7 @@ class EngineThread:
         self.wake.set()
 
     def load(self):
-        return len(self.engine.rows) + self.queued()
+        return len(self.engine.rows) + len(self.engine.parked) + self.queued()
 
     def queued(self):
         return sum(len(job.seqs) for job in list(self.engine.waiting))
@@ -128,7 +134,8 @@ class EngineThread:
                 with self.autocast:
                     self.engine.step()
             except Exception as e:  # every request in flight gets a 500; the server keeps serving
-                stuck = list(self.engine.rows) + [s for job in list(self.engine.waiting) for s in job.seqs]
+                stuck = list(self.engine.rows) + list(self.engine.parked) + \
+                    [s for job in list(self.engine.waiting) for s in job.seqs]
                 for s in stuck:
                     s._emit("error", f"generation failed: {type(e).__name__}: {e}")
                 self.engine.discard(stuck)
@@ -209,7 +216,8 @@ async def health():
     return {"status": "ok", "model": model_name, "checkpoint": checkpoint_dir, "step": step,
             "device": ", ".join(str(e.device) for e in engines), "context": context_len,
             "uptime_s": round(time.time() - started, 1), "max_batch_size": max_batch_size,
-            "active": sum(len(e.engine.rows) for e in engines), "queue_depth": sum(e.queued() for e in engines)}
+            "active": sum(len(e.engine.rows) + len(e.engine.parked) for e in engines),
+            "queue_depth": sum(e.queued() for e in engines), "tools": tools}
 
 
 @app.get("/v1/models")

@@ -23,6 +23,8 @@ import torch
 
 from nanochat import tasks
 from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig
+from nanochat.kv_cache import KVCache
 from nanochat.tasks.common import Task
 from nanochat.tasks.humaneval import HumanEval, extract_code
 from nanochat.tasks.olmo_eval import HF, EvalMultipleChoice
@@ -130,6 +132,52 @@ def test_spelling_scored_by_exact_answer(tokenizer):
             wrong.append(f"The answer is {int(conv['answer']) + 1}.")
     assert run_generative(task, tokenizer, right) == (6, 6)
     assert run_generative(task, tokenizer, wrong) == (0, 6)
+
+
+class ToolCallingModel:
+    """Writes each problem's gold reply, but for a counting problem only the python call and then
+    stops: the count in the reply is then the tool's output, or missing when no tool runs. One
+    prompt at a time (an engine of max_batch_size 1): the prefill says which problem it is."""
+
+    def __init__(self, tokenizer, conversations):
+        sp = tokenizer.encode_special
+        self.config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=2)
+        self.scripts = {}
+        for conv in conversations:
+            parts = conv["conversations"][-1]["content"]
+            reply = ([sp("<|python_start|>"), *tokenizer.encode(parts[1]["text"]), sp("<|python_end|>")]
+                     if conv["kind"] == "count" else tokenizer.encode(parts))
+            self.scripts[tuple(tokenizer.render_for_completion(conv))] = reply + [sp("<|assistant_end|>")]
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def __call__(self, ids, kv_cache, logits_at=None):  # the logits are set at the last position either way
+        if isinstance(kv_cache, KVCache):  # the prompt, in one chunk
+            self.prompt_len, self.script = ids.size(1), self.scripts[tuple(ids[0].tolist())]
+        end = kv_cache.end(ids.size(1))
+        kv_cache.insert_kv(0, torch.zeros(1, 1, ids.size(1), 2), torch.zeros(1, 1, ids.size(1), 2))
+        logits = torch.zeros(1, ids.size(1), self.config.vocab_size)
+        logits[0, -1, self.script[min(end - self.prompt_len, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def test_spelling_with_and_without_the_python_tool(tokenizer):
+    """The same replies score on the tool's output: every counting problem right with --tools=python,
+    wrong with calc (the calculator refuses print) or none; spelling problems right in every case."""
+    words = ["".join(p) for p in itertools.product("abcdefgh", repeat=4)]
+    task = tasks.Spelling("test", size=10, words=words)
+    convs = [task.get(i) for i in range(10)]
+    counts = sum(c["kind"] == "count" for c in convs)
+    assert 0 < counts < 10
+    scores = {}
+    for tools in ("python", "calc", "none"):
+        model = ToolCallingModel(tokenizer, convs)
+        engine = Engine(model, tokenizer, max_batch_size=1, tools=tools)
+        scores[tools] = chat_eval.evaluate_task(task, list(range(10)), model, tokenizer, "cpu", engine,
+                                                max_new_tokens=64)[0]
+    assert scores == {"python": 10, "calc": 10 - counts, "none": 10 - counts}
 
 
 def fake_humaneval(tmp_path):

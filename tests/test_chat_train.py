@@ -217,7 +217,9 @@ def test_mid_sft_cli_end_to_end(base_dir, tmp_path):
     out = run_script(base_dir, "chat_sft", SMALL + ["--eval_problems=2", "--eval_max_tokens=6"])
     assert "from " + mid in out
     assert [int(s) for s, _ in LOSS_RE.findall(out)] == [1, 2, 3]
-    assert re.search(r"step 00003 \| val loss \d+\.\d+ \| arithmetic acc \d\.\d+ \| spelling acc \d\.\d+ \| identity acc", out)
+    assert re.search(r"step 00003 \| val loss \d+\.\d+ \| arithmetic acc \d\.\d+ \| spelling acc \d\.\d+ \| "
+                     r"python_tool acc \d\.\d+ \| identity acc", out)
+    assert re.search(r"PythonTool +20 ", out)  # in the mix: half as many as each of arithmetic and spelling
     assert "model_000003.pt" in os.listdir(os.path.join(base_dir, "chatsft_checkpoints", "d1"))
 
     out = run_script(base_dir, "chat_cli", ["-p", "What is 12 plus 30?", "--max_tokens=8"])

@@ -33,17 +33,25 @@ NIHAO = [{"role": "user", "content": "你好"}]
 NIHAO_REPLY = "你好！我是 nanochat。"
 COUNT = [{"role": "user", "content": "count"}]  # a long reply: keeps the slow server's one slot busy
 COUNT_REPLY = "la " * 40
+TOOL = [{"role": "user", "content": "How many r are in strawberry?"}]  # a python call: the server runs the sandbox
+TOOL_PARTS = [{"type": "text", "text": "Let me count."}, {"type": "python", "text": "print('strawberry'.count('r'))"},
+              {"type": "python_output", "text": "3"}, {"type": "text", "text": "The answer is 3."}]
+TOOL_REPLY = "Let me count.\n[python]\nprint('strawberry'.count('r'))\n[output]\n3\n[/python]\nThe answer is 3."
+TOOL_SECOND = TOOL + [{"role": "assistant", "content": TOOL_PARTS}, {"role": "user", "content": "thanks"}]
+TOOL_SECOND_REPLY = "You are welcome."
 CONVERSATIONS = [HELLO + [{"role": "assistant", "content": HELLO_REPLY}],
                  SECOND + [{"role": "assistant", "content": SECOND_REPLY}],
                  NIHAO + [{"role": "assistant", "content": NIHAO_REPLY}],
-                 COUNT + [{"role": "assistant", "content": COUNT_REPLY}]]
+                 COUNT + [{"role": "assistant", "content": COUNT_REPLY}],
+                 TOOL_SECOND + [{"role": "assistant", "content": TOOL_SECOND_REPLY}]]
 SEQUENCE_LEN = 128
 
 
 def make_base_dir(base):
     """A tokenizer and a tiny chatsft checkpoint that answers the CONVERSATIONS word for word
     (trained here until it has memorised them: a second or two on CPU)."""
-    texts = [m["content"] for c in CONVERSATIONS for m in c] * 20
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+             for c in CONVERSATIONS for m in c] * 20
     tokenizer = RustBPETokenizer.train_from_iterator(texts, 320)
     tokenizer.save(os.path.join(base, "tokenizer"))
     threads = torch.get_num_threads()
@@ -141,7 +149,7 @@ def servers(base_dir, tmp_path_factory):
                        "--max_max_tokens=120", "--max_body_bytes=20000"),
         "slow": Server(base_dir[0], logs / "slow.log", "--max_batch_size=1", "--slow_down=0.1", "--queue_timeout=0.5",
                        "--retry_after=7"),
-        "keyed": Server(base_dir[0], logs / "keyed.log", "--api_key=s3cret"),
+        "keyed": Server(base_dir[0], logs / "keyed.log", "--api_key=s3cret", "--tools=calc"),
     }
     try:
         for s in started.values():
@@ -213,7 +221,53 @@ def test_openai_client_gets_the_memorised_replies(server, base_dir):
     assert len(models) == 1 and models[0].id.startswith("nanochat-chatsft-tiny")
     h = server.health()
     assert h["model"] == models[0].id and h["device"] == "cpu" and h["max_batch_size"] == 32
-    assert h["queue_depth"] == 0 and h["active"] == 0 and h["uptime_s"] > 0
+    assert h["queue_depth"] == 0 and h["active"] == 0 and h["uptime_s"] > 0 and h["tools"] == "python"
+
+
+def test_python_tool_call_shows_in_the_reply_and_round_trips(server, servers):
+    """The model writes a python call: the server runs it in the sandbox (the output is never the
+    model's: it is not trained on it) and shows it as a [python] block; sent back, the block becomes
+    the call and its output again, so the model sees its training conversation and answers the next turn."""
+    client = openai_client(server)
+    r = client.chat.completions.create(model="m", messages=TOOL, temperature=0)
+    assert r.choices[0].message.content == TOOL_REPLY
+    assert stream_text(server, TOOL)[0] == TOOL_REPLY
+    resent = TOOL + [{"role": "assistant", "content": TOOL_REPLY}, {"role": "user", "content": "thanks"}]
+    r = client.chat.completions.create(model="m", messages=resent, temperature=0)
+    assert r.choices[0].message.content == TOOL_SECOND_REPLY
+    assert servers["keyed"].health()["tools"] == "calc"  # --tools=calc
+
+
+def test_tool_calls_round_trip_from_reply_text_to_tokens(base_dir):
+    """Every shape of tool call the reply decoder writes parses back (openai_api.assistant_parts) to
+    parts that render to the very tokens the model generated."""
+    from nanochat.openai_api import assistant_parts
+    from nanochat.reply import ReplyDecoder
+    tokenizer = base_dir[1]
+    sp = tokenizer.encode_special
+
+    def call(code, output=None):
+        out = [] if output is None else [sp("<|output_start|>"), *tokenizer.encode(output), sp("<|output_end|>")]
+        return [sp("<|python_start|>"), *tokenizer.encode(code), sp("<|python_end|>"), *out]
+
+    cases = [  # (reply tokens, how the reply reads)
+        ([*tokenizer.encode("Sum:"), *call("12+30", "42"), *tokenizer.encode(" done")], "Sum:[calc: 12+30 = 42] done"),
+        (call("12+30"), "[calc: 12+30 = ?]"),
+        ([*tokenizer.encode("a"), *call("xs = [3, 1, 2]\nprint(sorted(xs))", "[1, 2, 3]"), *tokenizer.encode("b")],
+         "a\n[python]\nxs = [3, 1, 2]\nprint(sorted(xs))\n[output]\n[1, 2, 3]\n[/python]\nb"),
+        (call("x = 1", ""), "\n[python]\nx = 1\n[output]\n\n[/python]\n"),  # printed nothing
+        ([*call("print(x)"), *tokenizer.encode("ok")], "\n[python]\nprint(x)\n[/python]\nok"),  # nothing came back
+        ([*call("print(1)", "1"), *call("2*3", "6")], "\n[python]\nprint(1)\n[output]\n1\n[/python]\n[calc: 2*3 = 6]"),
+    ]
+    for ids, text in cases:
+        decoder = ReplyDecoder(tokenizer)
+        assert "".join(decoder.add(t) for t in ids) + decoder.finish() == text
+        for sent in (text, text.strip()):  # a client may trim the message
+            conversation = {"conversations": [{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": assistant_parts(sent)}]}
+            rendered, _ = tokenizer.render_conversation(conversation)
+            start = rendered.index(sp("<|assistant_start|>")) + 1
+            assert rendered[start:-1] == ids, (text, assistant_parts(sent))
 
 
 def test_n_choices_logprobs_and_completions(server, base_dir):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from test_chat_web import COUNT_REPLY, HELLO_REPLY, NIHAO_REPLY, SECOND_REPLY, Server, make_base_dir
+from test_chat_web import COUNT_REPLY, HELLO_REPLY, NIHAO_REPLY, SECOND_REPLY, TOOL_SECOND_REPLY, Server, make_base_dir
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -72,6 +72,23 @@ def last_reply(page):
     return page.locator(".msg.assistant .bubble").last.inner_text()
 
 
+def check_python_tool_call(page, tmp_path):
+    """A python tool call shows as a block (code, then what the sandbox printed); the page sends the
+    reply back as text and the server turns the block into the call again: the model answers the next turn."""
+    from playwright.sync_api import expect
+    page.locator("#new-chat").click()
+    send(page, "How many r are in strawberry?")
+    wait_idle(page)
+    tool = page.locator(".msg.assistant .tool")
+    expect(tool.locator("code[data-lang=python]")).to_have_text("print('strawberry'.count('r'))")
+    expect(tool.locator(".tool-output")).to_have_text("3")
+    assert last_reply(page).startswith("Let me count.") and last_reply(page).endswith("The answer is 3.")
+    send(page, "thanks")
+    wait_idle(page)
+    assert last_reply(page) == TOOL_SECOND_REPLY
+    save_screenshot(page, tmp_path, "chat_web_python_tool.png")
+
+
 def test_chat_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -117,6 +134,8 @@ def test_chat_in_a_real_browser(server, tmp_path):
             wait_idle(page)
             assert last_reply(page) == NIHAO_REPLY
 
+            check_python_tool_call(page, tmp_path)
+
             # stop a long reply: it ends early, is kept, and the server's worker is free again
             page.locator("#new-chat").click()
             send(page, "count")
@@ -135,6 +154,9 @@ def test_chat_in_a_real_browser(server, tmp_path):
             html = page.evaluate("renderMessage('a <b>x</b> `y`\\n```python\\nif a < b:\\n    print(\"<i>\")\\n```\\nok')")
             assert "<b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<code>y</code>" in html
             assert '<pre><code data-lang="python">if a &lt; b:\n    print(&quot;&lt;i&gt;&quot;)</code></pre>' in html
+            html = page.evaluate("renderMessage('x\\n[python]\\nprint(\"<b>\")\\n[output]\\n<b>\\n[/python]\\n[calc: 1+2 = 3]')")
+            assert ('x<div class="tool"><pre><code data-lang="python">print(&quot;&lt;b&gt;&quot;)</code></pre>'
+                    '<pre class="tool-output"><code>&lt;b&gt;</code></pre></div><span class="calc">1+2 = 3</span>') == html
             page.locator("#new-chat").click()
             page.locator("#temperature").fill("0.8")
             send(page, "<img src=x onerror=alert(1)> 中文")

@@ -1,6 +1,7 @@
 """
 Tests of nanochat.engine: KV-cached generation against full recomputation, sampling
-(seed, top-k, top-p, repetition penalty), stop tokens, the calculator tool, the calculator.
+(seed, top-k, top-p, repetition penalty), stop tokens, the calculator tool, the calculator, the python
+tool (sandboxed, parked out of the batch while it runs, cancellable).
 
     nice -n 19 python -m pytest tests/test_engine.py -q
 
@@ -163,9 +164,9 @@ class ScriptedModel:
     """Emits scripts[row][i] as the i-th generated token (position-based, so forced tokens
     consume script entries). Uses a real KVCache so prefill/copy are exercised."""
 
-    def __init__(self, scripts, prompt_len, vocab_size):
+    def __init__(self, scripts, prompt_len, vocab_size, sequence_len=64):
         self.scripts, self.prompt_len = scripts, prompt_len
-        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        self.config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
 
     def get_device(self):
         return torch.device("cpu")
@@ -225,9 +226,178 @@ def test_refused_tool_call_forces_nothing(tok):
     sp = tok.encode_special
     expr = tok.encode("hello")  # a name: refused
     script = [sp("<|python_start|>"), *expr, sp("<|python_end|>"), sp("<|assistant_end|>")]
-    engine = Engine(ScriptedModel([script], 1, tok.get_vocab_size()), tok)
+    engine = Engine(ScriptedModel([script], 1, tok.get_vocab_size()), tok, tools="calc")
     results, masks = engine.generate_batch([tok.get_bos_token_id()], max_tokens=20, temperature=0.0)
     assert results == [script[:-1]] and masks == [[1] * len(script[:-1])]
+    # tools="none": not even the calculator runs
+    script = [sp("<|python_start|>"), *tok.encode("12 + 30"), sp("<|python_end|>"), sp("<|assistant_end|>")]
+    engine = Engine(ScriptedModel([script], 1, tok.get_vocab_size()), tok, tools="none")
+    results, masks = engine.generate_batch([tok.get_bos_token_id()], max_tokens=20, temperature=0.0)
+    assert results == [script[:-1]] and masks == [[1] * len(script[:-1])]
+    with pytest.raises(ValueError, match="tools"):
+        Engine(ScriptedModel([script], 1, tok.get_vocab_size()), tok, tools="calculator")
+
+
+# ----------------------------------------------------------------------------- the python tool
+def python_call(tok, code, prompt_len=1, tail=(), **engine_kw):
+    """One reply that calls python with `code`, then says `tail`: -> (engine, generated ids, masks)."""
+    sp = tok.encode_special
+    script = [sp("<|python_start|>"), *tok.encode(code), sp("<|python_end|>"), *[tok.encode("x")[0]] * 300,
+              sp("<|assistant_end|>")]
+    forced_at = len(tok.encode(code)) + 2
+    script = script[:forced_at] + [*tail] + [sp("<|assistant_end|>")]  # the output is forced over what follows
+    engine = Engine(ScriptedModel([script], prompt_len, tok.get_vocab_size(), sequence_len=512), tok, **engine_kw)
+    results, masks = engine.generate_batch([tok.get_bos_token_id()], max_tokens=400, temperature=0.0)
+    return engine, results[0], masks[0]
+
+
+def forced_output(tok, ids, masks):
+    """The text between <|output_start|> and <|output_end|>, checking those tokens were forced (mask 0)."""
+    start, end = ids.index(tok.encode_special("<|output_start|>")), ids.index(tok.encode_special("<|output_end|>"))
+    assert set(masks[start:end + 1]) == {0} and masks[start - 1] == 1
+    return tok.decode(ids[start + 1:end])
+
+
+def test_python_call_runs_in_the_sandbox_and_its_output_is_fed_back(tok):
+    engine, ids, masks = python_call(tok, "n = 6 * 7\nprint(f'{n} is the answer')")
+    assert forced_output(tok, ids, masks) == "42 is the answer"
+    decoder = ReplyDecoder(tok)
+    text = "".join(decoder.add(t) for t in ids) + decoder.finish()
+    assert text.startswith("\n[python]\nn = 6 * 7\nprint(f'{n} is the answer')\n[output]\n42 is the answer\n[/python]\n")
+    # a failing call feeds back the error's last line; the calculator keeps plain arithmetic in-process
+    _, ids, masks = python_call(tok, "print(1)\nprint(1 / 0)")
+    assert forced_output(tok, ids, masks) == "1\nZeroDivisionError: division by zero"
+    engine, ids, masks = python_call(tok, "'strawberry'.count('r')")
+    assert forced_output(tok, ids, masks) == "3" and engine.tool_pool is None  # no sandbox was started
+    # tools="calc": the same code gets no output
+    _, ids, masks = python_call(tok, "print(6 * 7)", tools="calc")
+    assert tok.encode_special("<|output_start|>") not in ids
+
+
+def test_python_time_limit_and_output_cap(tok):
+    _, ids, masks = python_call(tok, "while True:\n    pass", python_timeout=0.5)
+    assert forced_output(tok, ids, masks) == "timed out after 0.5 s"
+    _, ids, masks = python_call(tok, "for i in range(1000):\n    print(i)", max_output_tokens=16)
+    out = forced_output(tok, ids, masks)
+    assert out.startswith("0\n1\n2") and out.endswith("\n[output cut at 16 tokens]") and "999" not in out
+    assert len(tok.encode(out)) < 16 + len(tok.encode("\n[output cut at 16 tokens]")) + 4
+
+
+class NoSpecials:
+    """A random GPT with room in its vocab for ByteTokenizer's special ids (so they can be fed as
+    forced tokens) that never samples one: the random model never stops or calls a tool by itself."""
+
+    def __init__(self, model):
+        self.model, self.config, self.cos = model, model.config, model.cos
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def __call__(self, ids, kv_cache=None, logits_at=None):
+        logits = self.model(ids, kv_cache=kv_cache, logits_at=logits_at)
+        logits[..., 256:] = float("-inf")
+        return logits
+
+
+def forced_call(seq, code, output=None):
+    """Make `seq` open its reply with a python call of `code` (and, for a reference run without
+    tools, the output the call gave), fed as forced tokens as a tool's output is."""
+    tok = ByteTokenizer()
+    sp = tok.encode_special
+    seq._forced.extend([sp("<|python_start|>"), *tok.encode(code), sp("<|python_end|>")])
+    if output is not None:
+        seq._forced.extend([sp("<|output_start|>"), *tok.encode(output), sp("<|output_end|>")])
+    return seq
+
+
+def test_a_python_call_does_not_stall_the_batch():
+    """One sequence's python call sleeps for a second: it is parked out of the batch while 8 others go on
+    decoding; its keys and values come back intact (its continuation equals a run that never parked),
+    and the others' greedy tokens equal their runs alone."""
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    code = "import time\ntime.sleep(1.0)\nprint('done')"
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 2 * i)] for i in range(8)]
+    others = [Sequence(p, 100, temperature=0.0) for p in prompts]
+    caller = forced_call(Sequence(PROMPT, len(code) + 2 + 20, temperature=0.0), code)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=9)
+    engine.submit([caller])
+    for s in others:
+        engine.submit([s])
+    steps_parked, progress = 0, None
+    while not all(s.done for s in [caller, *others]):
+        engine.step()
+        if caller in engine.parked:
+            steps_parked += 1
+            progress = progress or [len(s.tokens) for s in others]
+            assert len(engine.rows) + len(engine.parked) <= 9 and caller not in engine.rows
+        elif progress and len(progress) == len(others):
+            progress = [len(s.tokens) - n for s, n in zip(others, progress)]  # tokens made while it was parked
+            progress.append("resumed")
+    assert progress[-1] == "resumed" and min(progress[:-1]) >= 20, progress
+    assert steps_parked < 200  # with nothing else to do, the engine waits on the call instead of spinning
+    assert caller.masks.count(0) == len(code) + 2 + len("done") + 2 and caller.finish_reason == "length"
+    reference = forced_call(Sequence(PROMPT, len(code) + 2 + 20, temperature=0.0), code, output="done")
+    Engine(model, ByteTokenizer(), tools="none").run([reference])
+    assert caller.tokens == reference.tokens and caller.masks == reference.masks
+    for s, p in zip(others, prompts):
+        alone = Sequence(p, 100, temperature=0.0)
+        Engine(model, ByteTokenizer(), max_batch_size=1).run([alone])
+        assert s.tokens == alone.tokens
+    assert not engine.has_work()
+
+
+def test_generate_waits_for_a_sample_whose_python_call_runs():
+    # generate's token columns: a sample parked for its call lags the others, and loses no token
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    engine = Engine(model, ByteTokenizer())
+    submit = engine.submit
+    engine.submit = lambda seqs: submit([forced_call(seqs[0], "import time\ntime.sleep(0.3)\nprint(1)"), *seqs[1:]])
+    columns = list(engine.generate(PROMPT, num_samples=2, max_tokens=60, temperature=0.0))
+    assert len(columns) == 60 and FINISHED not in [t for column, _ in columns for t in column]
+    first = [column[0] for column, _ in columns]
+    sp = ByteTokenizer().encode_special
+    assert first[first.index(sp("<|output_start|>")):][:3] == [sp("<|output_start|>"), ord("1"), sp("<|output_end|>")]
+    alone = Sequence(PROMPT, 60, temperature=0.0, seed=43)  # sample 1 never called: its tokens as alone
+    Engine(model, ByteTokenizer()).run([alone])
+    assert [column[1] for column, _ in columns] == alone.tokens
+
+
+def test_a_full_batch_waits_for_a_python_call_without_spinning():
+    # max_batch_size 1: the parked caller keeps its place, so the next prompt waits for it to finish
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    engine = Engine(model, ByteTokenizer(), max_batch_size=1)
+    caller = forced_call(Sequence(PROMPT, 40, temperature=0.0), "import time\ntime.sleep(0.5)")
+    queued = Sequence(PROMPT[:3], 5, temperature=0.0)
+    engine.submit([caller])
+    engine.submit([queued])
+    steps = 0
+    while not caller.done:
+        engine.step()
+        steps += 1
+        assert not queued.tokens or caller.done  # never two in a batch of one
+    assert steps < 120 and caller.finish_reason == "length"  # ~0.5 s / 50 ms of waiting, plus 40 tokens
+    engine.run([queued])
+    assert len(queued.tokens) == 5
+
+
+def test_cancelling_a_sequence_whose_python_call_runs_kills_the_code():
+    model = NoSpecials(tiny_gpt(vocab_size=1024))
+    engine = Engine(model, ByteTokenizer(), python_timeout=60.0)
+    discarded, cancelled, other = (forced_call(Sequence(PROMPT, 100, temperature=0.0), "while True:\n    pass"),
+                                   forced_call(Sequence(PROMPT[:4], 100, temperature=0.0), "while True:\n    pass"),
+                                   Sequence(PROMPT[:5], 30, temperature=0.0))
+    for s in (discarded, cancelled, other):
+        engine.submit([s])
+    while len(engine.parked) < 2:
+        engine.step()
+    calls = [discarded._call, cancelled._call]
+    engine.discard([discarded])  # from the stepping thread (a consumer stopped reading)
+    cancelled.cancel()  # from another thread (a client hung up): taken out at the next step
+    engine.step()
+    assert discarded.finish_reason == cancelled.finish_reason == "cancelled" and not engine.parked
+    assert [c.result(timeout=10) for c in calls] == ["stopped", "stopped"]  # killed, not left running 60 s
+    engine.run([other])
+    assert len(other.tokens) == 30 and not engine.has_work()
 
 
 # ----------------------------------------------------------------------------- calculator
@@ -274,7 +444,10 @@ def test_an_unclosed_tool_call_never_shows_special_tokens(tok):
     ids = [*tok.encode("hello"), sp("<|python_start|>"), *tok.encode("the answer"), sp("<|assistant_end|>"),
            *tok.encode("more")]
     text = "".join(decoder.add(t) for t in ids) + decoder.finish()
-    assert text == "hello[calc: the answer = ?]" and "<|" not in text
+    assert text == "hello\n[python]\nthe answer\n[/python]\n" and "<|" not in text  # no [output]: none came back
+    decoder = ReplyDecoder(tok)
+    ids = [sp("<|python_start|>"), *tok.encode("12 + 30"), sp("<|python_end|>"), sp("<|assistant_end|>")]
+    assert "".join(decoder.add(t) for t in ids) + decoder.finish() == "[calc: 12 + 30 = ?]"
     hidden = ReplyDecoder(tok, show_thinking=False)
     ids = [sp("<think>"), *tok.encode("hmm"), sp("</think>"), *tok.encode("42"), sp("<|user_start|>")]
     assert "".join(hidden.add(t) for t in ids) + hidden.finish() == "42"

@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -80,6 +81,17 @@ def test_exception_is_reported(mechanism):
     r = run(mechanism, "print('before')\n1 / 0")
     assert not r.success and r.stdout == "before\n"
     assert r.error == "ZeroDivisionError: division by zero" and "Traceback" in r.stderr
+
+
+def test_stop_event_kills_the_code_early(mechanism):
+    # a chat reply cancelled while its python call runs: the code dies now, not at the time limit
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    r = run(mechanism, "while True:\n    pass", timeout=30.0, stop=stop)
+    assert not r.success and r.error == "stopped" and time.monotonic() - t0 < 5.0
+    r = run(mechanism, "print('fine')", stop=threading.Event())  # never set: an ordinary run
+    assert r.success and r.stdout == "fine\n"
 
 
 def test_death_by_signal_is_named(mechanism):

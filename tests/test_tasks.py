@@ -15,10 +15,11 @@ import pytest
 
 from nanochat.dataset import DataError
 from nanochat.tasks import (Arithmetic, ChatterbotCorpus, ChitChat, HHHAlignment, Identity, JSONLConversations, MultipleChoice,
-                            PreferencePairs, Spelling, Subset, TaskMixture, TaskSequence, VerifiablePairs,
+                            PreferencePairs, PythonTool, Spelling, Subset, TaskMixture, TaskSequence, VerifiablePairs,
                             cached_package_archive, last_assistant_text, last_number)
 from nanochat.tasks.arithmetic import TEMPLATES_EN
 from nanochat.tasks.identity import QUESTIONS_EN, QUESTIONS_ZH
+from nanochat.tasks.python_tool import KINDS
 from nanochat.tasks.spelling import load_words
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -95,13 +96,14 @@ def test_last_number():
 
 # ----------------------------------------------------------------------------- generated tasks
 
-@pytest.mark.parametrize("name", ["arithmetic", "spelling", "identity"])
+@pytest.mark.parametrize("name", ["arithmetic", "spelling", "identity", "python_tool"])
 def test_generated_deterministic_and_splits_disjoint(name, request):
     if name == "spelling":
         words = request.getfixturevalue("words")
         make = lambda split, size: Spelling(split, size=size, words=words)
     else:
-        make = lambda split, size: {"arithmetic": Arithmetic, "identity": Identity}[name](split, size=size)
+        make = lambda split, size: {"arithmetic": Arithmetic, "identity": Identity,
+                                    "python_tool": PythonTool}[name](split, size=size)
     task, again = make("train", 300), make("train", 300)
     assert [task.get(i) for i in range(0, 300, 7)] == [again.get(i) for i in range(0, 300, 7)]
     test = make("test", 200)
@@ -147,7 +149,7 @@ def test_spelling_counts_and_spelling(words):
         kinds.add(conv["kind"])
         if conv["kind"] == "count":
             expr = conv["conversations"][1]["content"][1]["text"]
-            word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", expr).groups()
+            word, letter = re.fullmatch(r"print\('([a-z]+)'\.count\('([a-z])'\)\)", expr).groups()
             assert conv["answer"] == str(word.count(letter)) == conv["conversations"][1]["content"][2]["text"]
             assert word in final_prompt(conv) and not task.evaluate(conv, f"The answer is {word.count(letter) + 1}.")
         else:
@@ -155,7 +157,7 @@ def test_spelling_counts_and_spelling(words):
         assert task.evaluate(conv, gold_text(conv))
     assert kinds == {"count", "spell"}
     hand = {"conversations": [], "answer": "3", "kind": "count"}
-    assert task.evaluate(hand, "<|python_start|>'strawberry'.count('r')<|python_end|>"
+    assert task.evaluate(hand, "<|python_start|>print('strawberry'.count('r'))<|python_end|>"
                                "<|output_start|>3<|output_end|>The answer is 3.")
 
 
@@ -249,7 +251,7 @@ def check_mask(tokenizer, ids, mask):
 
 
 def test_every_task_renders_with_assistant_only_mask(tokenizer, words):
-    tasks = [Arithmetic(size=40), Spelling(size=40, words=words), Identity(size=40)]
+    tasks = [Arithmetic(size=40), Spelling(size=40, words=words), Identity(size=40), PythonTool(size=40)]
     need_archive("chitchat")
     need_archive("chatterbot")
     tasks += [Subset(ChitChat(), 0, 40), Subset(ChatterbotCorpus(), 0, 40)]
@@ -341,14 +343,51 @@ def test_preference_pairs(tmp_path, tokenizer):
         assert str(e.value).startswith(path + ": ") and message in str(e.value), str(e.value)
 
 
-def test_tool_outputs_match_the_engines_calculator(words):
-    """The python_output in training data is what the engine's calculator prints at chat time."""
-    engine = pytest.importorskip("nanochat.engine")
-    for task in (Arithmetic(size=200), Spelling(size=200, words=words)):
-        for conv in task:
-            content = conv["conversations"][-1]["content"]
-            if isinstance(content, list):
-                assert engine.calculator(content[-3]["text"]) == content[-2]["text"], content
+def tool_calls(task):
+    """(conversation, code, output) of every tool call in the task's replies."""
+    for conv in task:
+        content = conv["conversations"][-1]["content"]
+        parts = content if isinstance(content, list) else []
+        yield from ((conv, p["text"], q["text"]) for p, q in zip(parts, parts[1:]) if p["type"] == "python")
+
+
+def test_tool_outputs_are_what_the_engine_feeds_back(words):
+    """The python_output in training data is what the engine feeds back at chat time: the calculator's
+    result for arithmetic (its fast path), the sandbox's for the rest (a sample of every kind: the
+    sandbox takes ~0.1 s a call)."""
+    from nanochat.tools import calculator, run_python
+    for _, code, output in tool_calls(Arithmetic(size=200)):
+        assert calculator(code) == output, code
+    sample = {}
+    for task in (Spelling(size=200, words=words), PythonTool(size=400), PythonTool("test", size=200)):
+        for conv, code, output in tool_calls(task):
+            assert calculator(code) is None, code  # not the calculator's: the acceptance needs a real python call
+            lang = "zh" if re.search(r"[\u4e00-\u9fff]", final_prompt(conv)) else "en"
+            sample.setdefault((conv.get("kind"), lang), (code, output))
+    assert len(sample) >= 20  # every kind, in both languages
+    codes = list(sample.values())
+    assert [run_python(code) for code, _ in codes] == [output for _, output in codes]
+
+
+def test_python_tool_questions_answers_and_scoring():
+    task = PythonTool(size=900)
+    by_kind = {}
+    for conv in task:
+        parts = conv["conversations"][1]["content"]
+        assert [p["type"] for p in parts][-3:] == ["python", "python_output", "text"]
+        assert task.evaluate(conv, gold_text(conv)) and "print(" in parts[-3]["text"]
+        assert parts[-1]["text"] in (f"The answer is {conv['answer']}.", f"答案是 {conv['answer']}。")
+        by_kind.setdefault(conv["kind"], conv)
+    assert set(by_kind) == set(KINDS)
+    wrong = {"sum": "The answer is 1.", "sort": "The answer is 3, 2, 1.", "weekday": "The answer is Funday.",
+             "later": "The answer is 1999-01-01."}
+    for kind, conv in by_kind.items():
+        assert not task.evaluate(conv, wrong.get(kind, "The answer is 100000."))
+    # the answer is read from the end: the tool's output alone counts, a later wrong answer overrides it
+    sort = dict(by_kind["sort"], answer="1, 2, 3")
+    assert task.evaluate(sort, "[1, 2, 3]") and not task.evaluate(sort, "[1, 2, 3] The answer is 1, 3, 2.")
+    weekday = dict(by_kind["weekday"], answer="星期四")
+    assert task.evaluate(weekday, "四答案是 星期四。") and not task.evaluate(weekday, "星期四，不，星期五")
 
 
 @pytest.mark.slow

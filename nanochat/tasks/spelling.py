@@ -5,8 +5,9 @@ Words: `reasoning_gym/data/words3to10.txt` of the pinned reasoning-gym 0.1.25 wh
 (Apache-2.0, 7 MB; 151k words, of which the all-lowercase ASCII ones are used), fetched as a
 data carrier with fetch_package_archive and read out of the zip. A word belongs to the test
 split iff common.is_test_item(word). Two kinds of example:
-  - count: "How many 'r' are in strawberry?" -> tool call `'strawberry'.count('r')`, its
-    output, then "The answer is 3." (evaluate: the last number of the completion)
+  - count: "How many 'r' are in strawberry?" -> python tool call `print('strawberry'.count('r'))`
+    (run in the sandbox: the calculator refuses print), its output, then "The answer is 3."
+    (evaluate: the last number of the completion)
   - spell: "Spell the word strawberry" -> "strawberry is spelled s-t-r-a-w-b-e-r-r-y."
     (evaluate: the last run of single letters joined by '-' spells the word)
 """
@@ -65,7 +66,7 @@ class Spelling(Task):
             intro = f"我用工具数一下 '{word}' 里的 '{letter}'。" if zh else f"Let me count the '{letter}' in '{word}'."
             final = f"答案是 {answer}。" if zh else f"The answer is {answer}."
             content = [{"type": "text", "text": intro},
-                       {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                       {"type": "python", "text": f"print('{word}'.count('{letter}'))"},
                        {"type": "python_output", "text": answer},
                        {"type": "text", "text": final}]
             kind = "count"
