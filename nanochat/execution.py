@@ -267,9 +267,11 @@ def _bwrap_command(packages: bool):
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         cmd += ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
-    cmd += [*_runtime_binds(packages), "--proc", "/proc", "--dev", "/dev"]
+    # the tmpfs mounts first: a runtime under /tmp (a venv made there) is then bound on top of the
+    # fresh /tmp instead of being hidden under it
     for mount in ("/tmp", SANDBOX_DIR):
         cmd += ["--size", str(TMPFS_BYTES), "--perms", "1777", "--tmpfs", mount]
+    cmd += [*_runtime_binds(packages), "--proc", "/proc", "--dev", "/dev"]
     return cmd + ["--chdir", SANDBOX_DIR, "--clearenv", "--setenv", "HOME", SANDBOX_DIR,
                   "--setenv", "LANG", "C.UTF-8", "--", os.path.realpath(sys.executable)]
 
