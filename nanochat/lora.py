@@ -272,6 +272,18 @@ def adapter_path(checkpoint_dir: str, step: int) -> str:
     return os.path.join(checkpoint_dir, f"adapter_{step:06d}.pt")
 
 
+def checkpoint_state(model: nn.Module, checkpoint_dir: str, step: int, base_meta: dict, stage: str, rank: int,
+                     alpha: float, targets, master: bool):
+    """What a LoRA run's checkpoint holds -> (the merged state dict, the meta's "lora" entry). Rank 0
+    writes the adapter file now, before the checkpoint: a complete checkpoint (meta written last)
+    always has its adapter."""
+    path = adapter_path(checkpoint_dir, step)
+    if master:
+        save_adapter(path, model, base_meta, extra={"stage": stage, "step": step})
+    entry = {"rank": rank, "alpha": alpha, "targets": targets, "adapter": os.path.basename(path)}
+    return merged_state_dict(model), entry
+
+
 def prune_adapters(checkpoint_dir: str, keep_steps):
     """Delete adapter files of steps that are no longer kept (checkpoint_manager prunes the rest)."""
     keep = {adapter_path(checkpoint_dir, s) for s in keep_steps}

@@ -327,6 +327,21 @@ class TrainingLoop:
         self.eta = ETA(total_steps=num_iterations)
         self.t_start = self.t_step = time.time()
 
+    def save(self, checkpoint_dir, step, model_state, optimizer_state, meta, *, rank, keep_last, config, curve):
+        """A stage's checkpoint: rank 0 writes the model and the meta (with this loop's history), every
+        rank its optimizer state; then rank 0 config.json and the curve plot. curve: (file name, title,
+        history key of the training curve, history key of the eval curve or None, its label)."""
+        from nanochat.checkpoint_manager import save_checkpoint
+        save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, {**meta, "history": self.history},
+                        rank=rank, keep_last=keep_last)
+        if rank == 0:
+            write_json_atomic(os.path.join(checkpoint_dir, "config.json"), config)
+            name, title, key, val_key, val_label = curve
+            plot_loss_curve(os.path.join(checkpoint_dir, name), self.history["step"], self.history.get(key, []), title,
+                            val_steps=self.history["val_step"], val_values=self.history.get(val_key) if val_key else None,
+                            val_label=val_label)
+        print0(f"saved {checkpoint_dir} step {step}")
+
     def eval_now(self, step):
         if self.eval_every <= 0 or (step == self.start_step and step > 0):
             return False

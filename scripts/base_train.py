@@ -25,7 +25,7 @@ import time
 import torch
 
 from nanochat import report
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint
 from nanochat.common import (all_reduce_sum, autocast_for, broadcast_from_master, compute_cleanup, compute_dtype, compute_init,
                              get_base_dir, print0, seed_everything)
 from nanochat.configurator import configure
@@ -36,7 +36,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.plan import epoch_problem
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
-from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
+from nanochat.training import TrainingLoop, restore_train_state, train_state
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -170,17 +170,11 @@ eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * world_size
 
 
 def save(step):
-    """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
     meta = {"step": step, "val_bpb": loop.last("val bpb"), "model_config": model_config.__dict__, "config": user_config,
-            "tokenizer_vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash, "history": loop.history}
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, world_size * grad_accum_steps),
-                    meta, rank=rank, keep_last=keep_last)
-    if master:
-        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
-                        f"base d{depth}: train loss", val_steps=loop.history["val_step"],
-                        val_values=loop.history.get("val bpb"))
-    print0(f"saved {checkpoint_dir} step {step}")
+            "tokenizer_vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash}
+    loop.save(checkpoint_dir, step, orig_model.state_dict(), train_state(optimizers, loader_states, world_size * grad_accum_steps),
+              meta, rank=rank, keep_last=keep_last, config={**user_config, "num_iterations": num_iterations},
+              curve=("loss_curve.png", f"base d{depth}: train loss", "loss", "val bpb", "val bpb"))
 
 
 def sample(prompts, max_new_tokens=24):

@@ -33,7 +33,7 @@ import torch
 from nanochat import report, tasks
 from nanochat.chat_data import conversation_batches, conversation_eval_batches
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_last_step, load_checkpoint, load_model,
-                                         save_checkpoint, stage_dir)
+                                         stage_dir)
 from nanochat.common import all_reduce_sum, autocast_for, compute_init, get_base_dir, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.dataloader import data_loader
@@ -43,7 +43,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.tasks.reasoning import Reasoning
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
-from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
+from nanochat.training import TrainingLoop, restore_train_state, train_state
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -248,19 +248,13 @@ def reasoning_accuracy(m):
 
 
 def save(step):
-    """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
     meta = {"step": step, "val": loop.last(val_name), val_name.replace(" ", "_"): loop.last(val_name), "mode": mode,
             "model_config": dataclasses.asdict(model_config), "config": user_config, "tokenizer_vocab_size": vocab_size,
             "tokenizer_hash": tokenizer_fingerprint(tokenizer), "teacher": teacher_desc, "alpha": alpha,
-            "temperature": temperature, "history": loop.history, "num_iterations": num_iterations}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), train_state(optimizers, loader_states, num_lanes),
-                    meta, rank=rank, keep_last=keep_last)
-    if master:
-        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "alpha": alpha, "teacher": teacher})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
-                        f"distill {tag}: train loss", val_steps=loop.history["val_step"],
-                        val_values=loop.history.get(val_name), val_label=val_name)
-    print0(f"saved {checkpoint_dir} step {step}")
+            "temperature": temperature, "num_iterations": num_iterations}
+    loop.save(checkpoint_dir, step, model.state_dict(), train_state(optimizers, loader_states, num_lanes), meta,
+              rank=rank, keep_last=keep_last, config={**user_config, "alpha": alpha, "teacher": teacher},
+              curve=("loss_curve.png", f"distill {tag}: train loss", "loss", val_name, val_name))
 
 
 # ----------------------------------------------------------------------------- training loop

@@ -32,13 +32,13 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_dpo.py`
 import torch
 
 from nanochat import dpo, lora, report, tasks
-from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, open_training_source, save_checkpoint
+from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, open_training_source
 from nanochat.common import all_reduce_sum, autocast_for, compute_init, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.data_stats import write_stats
 from nanochat.tasks.common import is_test_item
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
+from nanochat.training import TrainingLoop, restore_train_state, train_state
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -225,26 +225,18 @@ if resume_step is not None:
 
 
 def save(step):
-    meta = {"step": step, "model_config": model_config, "config": user_config, "history": loop.history,
+    meta = {"step": step, "model_config": model_config, "config": user_config,
             "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": src.meta.get("tokenizer_hash"),
             "num_iterations": num_iterations, "source": src.source, "eval": loop.last("eval")}
-    if lora_rank > 0:  # the adapter first: a complete checkpoint (meta written last) always has its adapter
-        meta["lora"] = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_targets,
-                        "adapter": os.path.basename(lora.adapter_path(checkpoint_dir, step))}
-        if master:
-            lora.save_adapter(lora.adapter_path(checkpoint_dir, step), orig_model, src.meta,
-                              extra={"stage": "chatdpo", "step": step})
-    model_state = lora.merged_state_dict(orig_model) if lora_rank > 0 else orig_model.state_dict()
-    save_checkpoint(checkpoint_dir, step, model_state, train_state(optimizers, None, world_size * grad_accum_steps),
-                    meta, rank=rank, keep_last=keep_last)
-    if master:
-        if lora_rank > 0:
-            lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
-        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
-                        "DPO: train loss", val_steps=loop.history["val_step"], val_values=loop.history.get("held-out margin"),
-                        val_label="held-out reward margin")
-    print0(f"saved {checkpoint_dir} step {step}")
+    model_state = orig_model.state_dict()
+    if lora_rank > 0:
+        model_state, meta["lora"] = lora.checkpoint_state(orig_model, checkpoint_dir, step, src.meta, "chatdpo", lora_rank,
+                                                          lora_alpha, lora_targets, master)
+    loop.save(checkpoint_dir, step, model_state, train_state(optimizers, None, world_size * grad_accum_steps), meta,
+              rank=rank, keep_last=keep_last, config={**user_config, "num_iterations": num_iterations},
+              curve=("loss_curve.png", "DPO: train loss", "loss", "held-out margin", "held-out reward margin"))
+    if master and lora_rank > 0:
+        lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
 
 
 def eval_metrics(result):

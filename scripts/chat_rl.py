@@ -29,14 +29,14 @@ if __package__ in (None, ""):  # also runnable as `python scripts/chat_rl.py`
 import torch
 
 from nanochat import report, tasks
-from nanochat.checkpoint_manager import build_model, load_checkpoint, open_training_source, save_checkpoint
+from nanochat.checkpoint_manager import build_model, load_checkpoint, open_training_source
 from nanochat.common import all_reduce_sum, compute_init, print0, seed_everything
 from nanochat.configurator import configure
 from nanochat.engine import Engine
 from nanochat.rl import (completion_text, group_advantages, pass_at_k, policy_loss, rollout_batch, sample_groups,
                          shaped_reward, token_logprobs)
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
+from nanochat.training import TrainingLoop, restore_train_state, train_state
 
 # ----------------------------------------------------------------------------- defaults
 run = "dummy"                  # wandb run name; "dummy" logs nowhere
@@ -235,18 +235,13 @@ def train_on(sequences, advantages, step):
 
 # ----------------------------------------------------------------------------- loop
 def save(step):
-    meta = {"step": step, "model_config": model_config, "config": user_config, "history": loop.history,
+    meta = {"step": step, "model_config": model_config, "config": user_config,
             "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": src.meta.get("tokenizer_hash"),
             "num_iterations": num_iterations, "source": src.source}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), train_state(optimizers, None, world_size), meta,
-                    rank=rank, keep_last=keep_last)
-    if master:
-        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), user_config)
-        first_metric = next((k for k in loop.history if k.endswith("pass@1")), None)
-        plot_loss_curve(os.path.join(checkpoint_dir, "reward_curve.png"), loop.history["step"], loop.history.get("reward", []),
-                        "chat_rl: mean reward", val_steps=loop.history["val_step"],
-                        val_values=loop.history[first_metric] if first_metric else None, val_label=first_metric or "")
-    print0(f"saved {checkpoint_dir} step {step}")
+    first_metric = next((k for k in loop.history if k.endswith("pass@1")), None)
+    loop.save(checkpoint_dir, step, model.state_dict(), train_state(optimizers, None, world_size), meta, rank=rank,
+              keep_last=keep_last, config=user_config,
+              curve=("reward_curve.png", "chat_rl: mean reward", "reward", first_metric, first_metric or ""))
 
 
 loop = TrainingLoop(num_iterations, start_step=start_step, history=history, eval_every=eval_every if eval_sets else 0,

@@ -69,13 +69,13 @@ import torch
 
 from nanochat import lora, report, tasks
 from nanochat.chat_data import conversation_batches, conversation_eval_batches, estimate_rows_per_epoch
-from nanochat.checkpoint_manager import list_steps, load_checkpoint, open_training_source, save_checkpoint
+from nanochat.checkpoint_manager import list_steps, load_checkpoint, open_training_source
 from nanochat.common import all_reduce_sum, autocast_for, compute_init, print0, seed_everything
 from nanochat.data_stats import format_stats, task_stats, write_stats
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss
 from nanochat.tokenizer import get_tokenizer, tokenizer_fingerprint
-from nanochat.training import TrainingLoop, plot_loss_curve, restore_train_state, train_state, write_json_atomic
+from nanochat.training import TrainingLoop, restore_train_state, train_state
 
 stage, source_stage, title = ("mid", "base", "Mid-training") if _mid else ("chatsft", "mid", "Chat SFT")
 ddp, rank, local_rank, world_size, device = compute_init(device_type)
@@ -160,27 +160,18 @@ if master:  # what this run trains on, per task, beside its config snapshot
 
 
 def save(step):
-    """Every rank writes its optimizer + data position; rank 0 the model and the meta."""
     meta = {"step": step, "val_loss": loop.last("val loss"), "model_config": model_config, "config": user_config,
             "tokenizer_vocab_size": tokenizer.get_vocab_size(), "tokenizer_hash": tokenizer_hash,
-            "history": loop.history, "num_iterations": num_iterations, "source": src.source}
-    if lora_rank > 0:  # the adapter first: a complete checkpoint (meta written last) always has its adapter
-        meta["lora"] = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_targets,
-                        "adapter": os.path.basename(lora.adapter_path(checkpoint_dir, step))}
-        if master:
-            lora.save_adapter(lora.adapter_path(checkpoint_dir, step), orig_model, src.meta,
-                              extra={"stage": stage, "step": step})
-    model_state = lora.merged_state_dict(orig_model) if lora_rank > 0 else orig_model.state_dict()
-    save_checkpoint(checkpoint_dir, step, model_state, train_state(optimizers, loader_states, world_size * grad_accum_steps),
-                    meta, rank=rank, keep_last=keep_last)
-    if master:
-        if lora_rank > 0:
-            lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
-        write_json_atomic(os.path.join(checkpoint_dir, "config.json"), {**user_config, "num_iterations": num_iterations})
-        plot_loss_curve(os.path.join(checkpoint_dir, "loss_curve.png"), loop.history["step"], loop.history["loss"],
-                        f"{stage}: train loss", val_steps=loop.history["val_step"], val_values=loop.history.get("val loss"),
-                        val_label="val loss")
-    print0(f"saved {checkpoint_dir} step {step}")
+            "num_iterations": num_iterations, "source": src.source}
+    model_state = orig_model.state_dict()
+    if lora_rank > 0:
+        model_state, meta["lora"] = lora.checkpoint_state(orig_model, checkpoint_dir, step, src.meta, stage, lora_rank,
+                                                          lora_alpha, lora_targets, master)
+    loop.save(checkpoint_dir, step, model_state, train_state(optimizers, loader_states, world_size * grad_accum_steps),
+              meta, rank=rank, keep_last=keep_last, config={**user_config, "num_iterations": num_iterations},
+              curve=("loss_curve.png", f"{stage}: train loss", "loss", "val loss", "val loss"))
+    if master and lora_rank > 0:
+        lora.prune_adapters(checkpoint_dir, list_steps(checkpoint_dir))
 
 
 # ----------------------------------------------------------------------------- training loop
