@@ -72,3 +72,29 @@ def test_reset_forgets_previous_run(rdir):
     report.record_stage("old", "done", 1)
     report.reset()
     assert report.read_sections() == [] and report.read_stages() == {}
+
+
+def test_docs_links_resolve_in_git():
+    """Every relative link and image in the READMEs and the example report names a file git tracks
+    (the example report and its plots were once ignored and never committed)."""
+    import re
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True,
+                                 check=True).stdout.splitlines())
+    if not tracked:
+        pytest.skip("not a git checkout")
+    docs = ["README.md", "README_zh.md", "docs/example_report/report.md"]
+    missing, images = [], 0
+    for doc in docs:
+        assert doc in tracked, doc
+        text = open(os.path.join(repo, doc), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(doc), target))
+            images += path.endswith(".png")
+            if path not in tracked and not any(t.startswith(path + "/") for t in tracked):
+                missing.append(f"{doc}: {target}")
+    assert not missing, missing
+    assert images >= 8  # the example report's six plots and the README's
