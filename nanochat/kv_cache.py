@@ -28,7 +28,7 @@ class KVCache:
     def _allocate(self, seq_len, dtype, device):
         self.seq_len = seq_len
         shape = (self.num_layers, 2, self.batch_size, self.num_heads, seq_len, self.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.empty(shape, dtype=dtype, device=device)  # only [:pos] is ever read: no zero-fill
 
     def prefill(self, other):
         """Copy a batch-1 (or same-batch) cache into this empty one: prefill a prompt once,

@@ -285,10 +285,28 @@ def test_fetch_package_archive_cache_and_sha_check(base, monkeypatch):
     fake_pip.content = b"tampered"
     with pytest.raises(DataError, match="sha256"):
         package_data.fetch_package_archive("my-pkg", "2.0", sha)
-    assert os.listdir(cache) == ["my_pkg-1.0-py3-none-any.whl"]  # nothing half-fetched left
+    assert sorted(os.listdir(cache)) == [".verified", "my_pkg-1.0-py3-none-any.whl"]  # nothing half-fetched left
     assert package_data.is_archive_of("snownlp-0.12.3.tar.gz", "snownlp", "0.12.3")
     assert package_data.is_archive_of("chitchat_dataset-0.9.0-py3-none-any.whl", "chitchat-dataset", "0.9.0")
     assert not package_data.is_archive_of("gensim-4.3.0-cp311-cp311-linux.whl", "gensim", "4.4.0")
+
+
+def test_archive_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "pkg-1.0-py3-none-any.whl"
+    path.write_bytes(b"wheel bytes")
+    hashed = []
+    real = package_data.sha256_file
+    monkeypatch.setattr(package_data, "sha256_file", lambda p: hashed.append(p) or real(p))
+    digest = hashlib.sha256(b"wheel bytes").hexdigest()
+    assert package_data.verified_sha256(str(path)) == digest
+    assert package_data.verified_sha256(str(path)) == digest and len(hashed) == 1  # the kept digest
+    path.write_bytes(b"wheel bytez")  # same size, new mtime: hashed again, and the change is seen
+    os.utime(path, ns=(1, 1))
+    assert package_data.verified_sha256(str(path)) == hashlib.sha256(b"wheel bytez").hexdigest()
+    assert len(hashed) == 2
+    (tmp_path / ".verified" / path.name).write_text("garbage")  # a damaged marker: hashed again
+    assert package_data.verified_sha256(str(path)) == hashlib.sha256(b"wheel bytez").hexdigest()
+    assert len(hashed) == 3
 
 
 def _real_cache_or_skip(base, names):
