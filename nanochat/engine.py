@@ -183,6 +183,7 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()  # a python call returned or a prompt was submitted: stop idling
         self.row_cache = None
+        self.expected_length = 0  # the longest sequence run() was given: the row cache's capacity
 
     # --------------------------------------------------------------- scheduling
     def submit(self, seqs):
@@ -205,6 +206,9 @@ class Engine:
         for group in groups.values():
             for i in range(0, len(group), self.max_batch_size):
                 self.submit(group[i:i + self.max_batch_size])
+        self.expected_length = max([self.expected_length] + [min(self.context, len(s.prompt) + s.max_tokens + 1) for s in seqs])
+        if self.row_cache is not None:
+            self.row_cache.expected = self.expected_length
         while not all(s.done for s in seqs):
             self.step()
         return seqs
@@ -296,6 +300,7 @@ class Engine:
         if self.row_cache is None:
             layers, heads, head_dim = self.cache_dims
             self.row_cache = RowKVCache(layers, heads, head_dim, self.max_batch_size, self.model.get_device())
+            self.row_cache.expected = self.expected_length
         for seq in job.seqs:
             device = self.model.get_device()
             seq._rng = torch.Generator(device=device).manual_seed(seq.seed)

@@ -82,12 +82,15 @@ class RowKVCache:
         self.kv, self.device = None, device
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.n, self.attn_mask = 0, None
+        self.expected = 0  # tokens per row the caller expects to need: one allocation, not several
 
     def _reserve(self, length, dtype):
-        """Room for `length` tokens per row (grown in steps of 256, so memory follows the requests)."""
+        """Room for `length` tokens per row (grown in steps of 256, so memory follows the requests;
+        straight to `expected` when the caller said how long its rows get: each growth allocates,
+        zero-fills and copies the whole cache)."""
         if self.kv is not None and length <= self.kv.size(4) and self.kv.dtype == dtype:
             return
-        capacity = (length + 255) // 256 * 256
+        capacity = (max(length, self.expected) + 255) // 256 * 256
         kv = torch.zeros(*self.shape[:4], capacity, self.shape[5], dtype=dtype, device=self.device)
         if self.kv is not None:
             kv[:, :, :, :, :self.kv.size(4)] = self.kv

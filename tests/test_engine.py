@@ -518,3 +518,23 @@ def test_stop_strings_cancel_and_prefill_chunks(tok):
     engine.step()
     assert gone.finish_reason == "cancelled" and not engine.rows
 
+
+
+def test_run_sizes_the_row_cache_once(model, monkeypatch):
+    """run() knows how long its sequences can get: the row cache is allocated once at that size,
+    not grown 256 tokens at a time (each growth zero-fills and copies the whole cache)."""
+    from nanochat import kv_cache
+    allocations = []
+    real_reserve = kv_cache.RowKVCache._reserve
+
+    def reserve(self, length, dtype):
+        before = self.kv
+        real_reserve(self, length, dtype)
+        if self.kv is not before:
+            allocations.append(self.kv.size(4))
+    monkeypatch.setattr(kv_cache.RowKVCache, "_reserve", reserve)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4)
+    seqs = [Sequence(PROMPT, 300 + i, temperature=0.0) for i in range(3)]
+    engine.run(seqs)
+    assert [len(s.tokens) for s in seqs] == [300, 301, 302]
+    assert allocations == [512]  # prompt + 302 tokens: one allocation, never grown
