@@ -296,7 +296,7 @@ def test_mid_train_two_ranks_match_one_rank_with_double_accumulation(base_dir):
 def never_stopping_copy(base_dir, tokenizer):
     """base_checkpoints/d1 rewritten so greedy decoding can never pick a stop token: their lm_head
     rows are zero (logit 0), while two other rows are w and -w, so for any hidden state one token
-    has a logit > 0. Its replies run to max_tokens whatever the random init did."""
+    has a logit > 0. Its replies run to max_tokens (or a long context) whatever the random init did."""
     from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
     src = os.path.join(base_dir, "base_checkpoints", "d1")
     step = find_last_step(src)
@@ -309,6 +309,9 @@ def never_stopping_copy(base_dir, tokenizer):
     assert a != b
     head[a], head[b] = w, -w
     meta.pop("checkpoint_file", None)
+    # a context of 40,960 tokens (10x sequence_len, the rotary table): a reply that would stop at
+    # the d1 model's 640 can be over before a loaded machine delivers the test's Ctrl-C
+    meta["model_config"] = {**meta["model_config"], "sequence_len": 4096}
     save_checkpoint(os.path.join(base_dir, "base_checkpoints", "nostop"), step, state, None, meta)
     return "base_checkpoints/nostop"
 
@@ -319,20 +322,29 @@ def test_cli_ctrl_c_stops_the_reply_not_the_session(base_dir, tokenizer):
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", f"--checkpoint={checkpoint}", "-t", "0",
                              "--max_tokens=100000"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        proc.stdin.write("hello\n")
-        proc.stdin.flush()
-        seen = ""
-        while not seen.endswith("Assistant: "):
+    seen = ""
+
+    def interrupt_the_reply():
+        nonlocal seen
+        start = len(seen)
+        while not seen[start:].endswith("Assistant: "):
             ch = proc.stdout.read(1)
             assert ch, seen[-2000:]
             seen += ch
-        proc.send_signal(signal.SIGINT)  # mid-reply
-        proc.stdin.write("/clear\nhi\n/exit\n")
+        proc.send_signal(signal.SIGINT)  # mid-reply: it has 40,960 tokens to go
+
+    try:
+        proc.stdin.write("hello\n")
+        proc.stdin.flush()
+        interrupt_the_reply()
+        proc.stdin.write("/clear\nhi\n")
+        proc.stdin.flush()
+        interrupt_the_reply()  # the session went on: a new conversation, a second reply
+        proc.stdin.write("/exit\n")
         proc.stdin.flush()
         out = seen + proc.stdout.read()
         assert proc.wait(timeout=60) == 0, out[-2000:]
     finally:
         proc.kill()
-    assert "[stopped]" in out
-    assert "(new conversation)" in out and out.count("Assistant: ") == 2  # the session went on
+    assert out.count("[stopped]") == 2
+    assert "(new conversation)" in out and out.count("Assistant: ") == 2
