@@ -17,6 +17,7 @@ A reasoning model's <think> ... </think> block is hidden unless --open_thinking 
 between the markers, before the answer).
 """
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # also runnable as `python scripts/chat_cli.py`
@@ -57,6 +58,9 @@ try:
 except CheckpointError as e:
     sys.exit(f"chat_cli: {e}")
 engine = Engine(model, tokenizer, tools=tools, python_timeout=python_timeout)
+# Ctrl-C stops a reply. Python raises KeyboardInterrupt only if SIGINT was not ignored when it started
+# (it is in a job started with & by a shell script), so say it, as the training scripts do.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 bos, assistant_end = tokenizer.get_bos_token_id(), special["<|assistant_end|>"]
 max_context = 10 * model.config.sequence_len  # the rotary table's length
