@@ -190,7 +190,7 @@ def fake_humaneval(tmp_path):
     return str(path)
 
 
-def test_humaneval_runs_the_code_in_the_sandbox(tokenizer, tmp_path):
+def test_humaneval_runs_the_code_in_the_sandbox(tokenizer, tmp_path, monkeypatch):
     task = HumanEval(archive=fake_humaneval(tmp_path))
     assert len(task) == 1 and task.eval_type == "generative"
     conv = task.get(0)
@@ -201,6 +201,14 @@ def test_humaneval_runs_the_code_in_the_sandbox(tokenizer, tmp_path):
     assert task.evaluate(conv, "    return a + b\n")                                   # a body only
     assert not task.evaluate(conv, "```python\ndef add(a, b):\n    return a - b\n```")  # wrong
     assert not task.evaluate(conv, "return a +")                                       # not even Python
+    import nanochat.execution
+    real, ran = nanochat.execution.execute_code, []
+    monkeypatch.setattr(nanochat.execution, "execute_code", lambda code, **kw: ran.append(code) or real(code, **kw))
+    # code that does not compile is failed without starting a sandbox; code that does still runs
+    assert not task.evaluate(conv, "```python\ndef add(a, b):\n    return (a +\n```")
+    assert not task.evaluate(conv, "    return a\x00 + b\n")
+    assert ran == []
+    assert not task.evaluate(conv, "    return a + c\n") and len(ran) == 1  # compiles, fails when run
     assert extract_code("x\n```py\nprint(1)\n```\ny") == "print(1)\n"
     assert run_generative(task, tokenizer, ["```python\ndef add(a, b):\n    return a + b\n```"]) == (1, 1)
 

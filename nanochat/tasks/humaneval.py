@@ -71,5 +71,9 @@ class HumanEval(Task):
 
     def evaluate(self, conversation, completion):
         from nanochat.execution import execute_code
-        problem = self.problems[conversation["index"]]
-        return execute_code(program(problem, completion), timeout=self.timeout).success
+        code = program(self.problems[conversation["index"]], completion)
+        try:  # compiling runs nothing; a program that does not compile fails without a sandbox
+            compile(code, "<humaneval>", "exec", dont_inherit=True)  # (all 64 of the d4 CPU model's did: 0.45 s)
+        except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+            return False
+        return execute_code(code, timeout=self.timeout).success
