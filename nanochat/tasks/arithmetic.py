@@ -10,7 +10,7 @@ evaluate() compares the last number of a completion with the answer, exactly.
 """
 import random
 
-from nanochat.tasks.common import Task, is_test_item, last_number, with_final_text
+from nanochat.tasks.common import Task, check_split, is_test_item, last_number, with_final_text
 
 # (template, op). {a} and {b} are the operands; the result is a op b.
 TEMPLATES_EN = [
@@ -84,8 +84,7 @@ class Arithmetic(Task):
 
     def __init__(self, split: str = "train", size: int | None = None, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"Arithmetic: split must be 'train' or 'test', got {split!r}")
+        check_split("Arithmetic", split)
         self.split = split
         self.size = size if size is not None else (20_000 if split == "train" else 500)
 
@@ -131,8 +130,7 @@ class LongArithmetic(Task):
 
     def __init__(self, split="train", size=None, min_digits=4, max_digits=6, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"LongArithmetic: split must be 'train' or 'test', got {split!r}")
+        check_split("LongArithmetic", split)
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"LongArithmetic: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         self.split, self.min_digits, self.max_digits = split, min_digits, max_digits

@@ -14,7 +14,7 @@ import functools
 import re
 import zipfile
 
-from nanochat.tasks.common import Task, is_test_item, package_archive
+from nanochat.tasks.common import Task, check_split, is_test_item, package_archive
 
 LANGUAGES = ("english", "chinese")
 SKIP_FILES = ("botprofile.yml",)
@@ -49,8 +49,7 @@ class ChatterbotCorpus(Task):
 
     def __init__(self, split: str = "train", languages=LANGUAGES, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"ChatterbotCorpus: split must be 'train' or 'test', got {split!r}")
+        check_split("ChatterbotCorpus", split)
         self.split = split
         self.conversations = [lines for key, lines in load_conversations(package_archive("chatterbot"), tuple(languages))
                               if is_test_item(key) == (split == "test")]

@@ -16,7 +16,7 @@ import json
 import re
 import zipfile
 
-from nanochat.tasks.common import Task, is_test_item, package_archive
+from nanochat.tasks.common import Task, check_split, is_test_item, package_archive
 
 MEMBER = "chitchat_dataset/dataset.json"
 MAX_MESSAGES = 16  # a longer chat is cut into pieces of this many messages (an even number)
@@ -60,8 +60,7 @@ class ChitChat(Task):
 
     def __init__(self, split: str = "train", **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"ChitChat: split must be 'train' or 'test', got {split!r}")
+        check_split("ChitChat", split)
         self.split = split
         self.chats = [messages for chat_id, messages in load_chats(package_archive("chitchat"))
                       if is_test_item(chat_id.split("/")[0], every=20) == (split == "test")]

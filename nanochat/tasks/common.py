@@ -44,6 +44,12 @@ def cached_package_archive(key: str) -> str | None:
     return cached_archive(name, version, sha256)
 
 
+def check_split(task_name: str, split: str) -> None:
+    """Every generated or packaged task has exactly two splits: anything else is a ValueError naming the task."""
+    if split not in ("train", "test"):
+        raise ValueError(f"{task_name}: split must be 'train' or 'test', got {split!r}")
+
+
 def is_test_item(key: str, every: int = 10) -> bool:
     """Stable train/test assignment by content: 1 in `every` keys is test (crc32, not hash())."""
     return zlib.crc32(key.encode("utf-8")) % every == 0

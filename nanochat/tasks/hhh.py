@@ -10,7 +10,7 @@ import functools
 import json
 
 from nanochat.dataset import read_members
-from nanochat.tasks.common import Task, is_test_item, package_archive
+from nanochat.tasks.common import Task, check_split, is_test_item, package_archive
 
 SUBSETS = ("harmless", "helpful", "honest", "other")
 
@@ -34,8 +34,7 @@ class HHHAlignment(Task):
 
     def __init__(self, split: str = "test", **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"HHHAlignment: split must be 'train' or 'test', got {split!r}")
+        check_split("HHHAlignment", split)
         self.pairs = [p for p in load_pairs(package_archive("bigbench"))
                       if is_test_item(p[1], every=5) == (split == "test")]
 

@@ -9,7 +9,7 @@ evaluate() checks that the completion names nanochat.
 """
 import random
 
-from nanochat.tasks.common import Task
+from nanochat.tasks.common import Task, check_split
 
 QUESTIONS_EN = [
     "Who are you?", "who are you", "What's your name?", "What is your name?", "What are you?",
@@ -53,8 +53,7 @@ class Identity(Task):
 
     def __init__(self, split: str = "train", size: int | None = None, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"Identity: split must be 'train' or 'test', got {split!r}")
+        check_split("Identity", split)
         self.split = split
         self.size = size if size is not None else (1000 if split == "train" else 100)
         self.questions = {lang: [q for i, q in enumerate(qs) if (i % 5 == 4) == (split == "test")]

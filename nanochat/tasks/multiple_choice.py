@@ -17,7 +17,7 @@ import json
 import re
 import zipfile
 
-from nanochat.tasks.common import Task, is_test_item, package_archive, with_final_text
+from nanochat.tasks.common import Task, check_split, is_test_item, package_archive, with_final_text
 
 SUBSETS = ("arc_easy", "arc_challenge", "openbookqa", "csqa", "piqa", "socialiqa", "winogrande", "boolq", "hellaswag")
 DEFAULT_SUBSETS = ("arc_easy", "arc_challenge", "openbookqa", "csqa")  # the rest are large: opt in
@@ -51,8 +51,7 @@ class MultipleChoice(Task):
 
     def __init__(self, split: str = "train", subsets=DEFAULT_SUBSETS, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"MultipleChoice: split must be 'train' or 'test', got {split!r}")
+        check_split("MultipleChoice", split)
         unknown = [s for s in subsets if s not in SUBSETS]
         if unknown:
             raise ValueError(f"MultipleChoice: unknown subsets {unknown}; known: {', '.join(SUBSETS)}")

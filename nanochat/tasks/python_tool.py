@@ -20,7 +20,7 @@ import random
 import re
 from datetime import date, timedelta
 
-from nanochat.tasks.common import Task, is_test_item, last_number
+from nanochat.tasks.common import Task, check_split, is_test_item, last_number
 
 WEEKDAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 WEEKDAYS_ZH = "一二三四五六日"
@@ -124,8 +124,7 @@ class PythonTool(Task):
 
     def __init__(self, split: str = "train", size: int | None = None, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"PythonTool: split must be 'train' or 'test', got {split!r}")
+        check_split("PythonTool", split)
         self.split = split
         self.size = size if size is not None else (10_000 if split == "train" else 500)
 

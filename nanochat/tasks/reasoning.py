@@ -15,7 +15,7 @@ test split iff common.is_test_item(question). evaluate() reads the last number a
 """
 import random
 
-from nanochat.tasks.common import Task, is_test_item, last_number
+from nanochat.tasks.common import Task, check_split, is_test_item, last_number
 
 THINK_START, THINK_END = "<think>", "</think>"
 KINDS = ("add", "mul", "count")
@@ -83,8 +83,7 @@ class Reasoning(Task):
 
     def __init__(self, split: str = "train", size: int | None = None, kinds=KINDS, words=None, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"Reasoning: split must be 'train' or 'test', got {split!r}")
+        check_split("Reasoning", split)
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ValueError(f"Reasoning: kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")

@@ -16,7 +16,7 @@ import random
 import re
 import zipfile
 
-from nanochat.tasks.common import Task, is_test_item, last_number, package_archive, with_final_text
+from nanochat.tasks.common import Task, check_split, is_test_item, last_number, package_archive, with_final_text
 
 WORDS_MEMBER = "reasoning_gym/data/words3to10.txt"
 COUNT_EN = ["How many '{c}' are in {w}?", "How many times does the letter {c} appear in \"{w}\"?",
@@ -43,8 +43,7 @@ class Spelling(Task):
 
     def __init__(self, split: str = "train", size: int | None = None, words=None, **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"Spelling: split must be 'train' or 'test', got {split!r}")
+        check_split("Spelling", split)
         self.split = split
         self.size = size if size is not None else (20_000 if split == "train" else 500)
         words = load_words(package_archive("reasoning_gym")) if words is None else words
