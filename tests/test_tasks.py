@@ -399,3 +399,9 @@ def test_hhh_alignment_pairs():
     pair = test.get(0)
     assert pair["chosen"]["conversations"][0]["content"] == pair["prompt"] == pair["rejected"]["conversations"][0]["content"]
     assert pair["chosen"]["conversations"][1]["content"] != pair["rejected"]["conversations"][1]["content"]
+
+
+@pytest.mark.parametrize("make", [lambda: Arithmetic("val"), lambda: PythonTool("dev"), lambda: Identity("validation")])
+def test_a_split_other_than_train_or_test_is_refused_naming_the_task(make):
+    with pytest.raises(ValueError, match=r"^(Arithmetic|PythonTool|Identity): split must be 'train' or 'test'"):
+        make()
