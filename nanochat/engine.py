@@ -182,8 +182,8 @@ class Engine:
         self.waiting = deque()   # _Prefill jobs not yet in the batch
         self.lock = threading.Lock()
         self.wake = threading.Event()  # a python call returned or a prompt was submitted: stop idling
-        self.row_cache = None
-        self.expected_length = 0  # the longest sequence run() was given: the row cache's capacity
+        layers, heads, head_dim = self.cache_dims  # the rows' keys and values: allocated on first use
+        self.row_cache = RowKVCache(layers, heads, head_dim, max_batch_size, model.get_device())
 
     # --------------------------------------------------------------- scheduling
     def submit(self, seqs):
@@ -206,9 +206,8 @@ class Engine:
         for group in groups.values():
             for i in range(0, len(group), self.max_batch_size):
                 self.submit(group[i:i + self.max_batch_size])
-        self.expected_length = max([self.expected_length] + [min(self.context, len(s.prompt) + s.max_tokens + 1) for s in seqs])
-        if self.row_cache is not None:
-            self.row_cache.expected = self.expected_length
+        longest = max((min(self.context, len(s.prompt) + s.max_tokens + 1) for s in seqs), default=0)
+        self.row_cache.expected = max(self.row_cache.expected, longest)  # one allocation, not a growth per 256
         while not all(s.done for s in seqs):
             self.step()
         return seqs
@@ -297,10 +296,6 @@ class Engine:
 
     def _admit(self, job, logits):
         """The prompt is in the cache: each sample takes a row and gets its first token."""
-        if self.row_cache is None:
-            layers, heads, head_dim = self.cache_dims
-            self.row_cache = RowKVCache(layers, heads, head_dim, self.max_batch_size, self.model.get_device())
-            self.row_cache.expected = self.expected_length
         for seq in job.seqs:
             device = self.model.get_device()
             seq._rng = torch.Generator(device=device).manual_seed(seq.seed)
